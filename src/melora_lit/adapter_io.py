@@ -1,0 +1,166 @@
+"""MELoRA adapter files, and their export as a standard PEFT LoRA adapter.
+
+An adapter directory holds ``adapter_model.safetensors`` (adapter and ``modules_to_save``
+tensors) and ``adapter_config.json`` (the :class:`MELoRAConfig`, the base model, the
+package version). Like the core, this depends on torch and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .melora import (
+    MELoRAConfig,
+    _is_conv1d,
+    adapter_state_dict,
+    inject_melora,
+    load_adapter_state_dict,
+    melora_layers,
+)
+
+__all__ = ["save_adapter", "load_adapter", "load_adapter_config", "export_peft_lora"]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _model_config(model: nn.Module) -> MELoRAConfig:
+    config = getattr(model, "_melora_config", None)
+    if config is None or not melora_layers(model):
+        raise ValueError("model has no MELoRA layers; call inject_melora() before saving or exporting an adapter")
+    return config
+
+
+def _base_name(model: nn.Module, given: str | None) -> str | None:
+    if given is not None:
+        return str(given)
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (safetensors weights + JSON config)."""
+    config = _model_config(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous_cpu(adapter_state_dict(model)), str(out / ADAPTER_WEIGHTS),
+              metadata={"format": "pt", "melora_lit_version": _version()})
+    meta = {
+        "adapter_type": "MELORA",
+        "melora_config": config.to_dict(),
+        "base_model_name_or_path": _base_name(model, base_model_name_or_path),
+        "melora_lit_version": _version(),
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_adapter_config(directory: str | os.PathLike) -> tuple[MELoRAConfig, dict]:
+    """The :class:`MELoRAConfig` of a saved adapter, and the whole JSON metadata."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {ADAPTER_CONFIG}; not a melora_lit adapter directory")
+    meta = json.loads(path.read_text())
+    if meta.get("adapter_type") != "MELORA" or "melora_config" not in meta:
+        raise ValueError(f"{path}: not a melora_lit adapter config (a PEFT adapter? load it with peft)")
+    return MELoRAConfig(**meta["melora_config"]), meta
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a saved adapter into ``model``; injects MELoRA first if the model has none."""
+    config, _ = load_adapter_config(directory)
+    if not melora_layers(model):
+        inject_melora(model, config)
+    load_adapter_state_dict(model, load_file(str(Path(directory) / ADAPTER_WEIGHTS)))
+    return model
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                         ("LMHeadModel", "CAUSAL_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def export_peft_lora(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Export the MELoRA adapter of ``model`` as a standard PEFT LoRA adapter directory.
+
+    blockdiag(B_i A_i) = B' A' with A' = blockdiag(A_1..A_n) (n*r x d_in) and
+    B' = blockdiag(B_1..B_n) (d_out x n*r), so each adapted layer becomes a rank-n*r LoRA.
+    PEFT scales by lora_alpha / (n*r); ``lora_alpha = alpha * n`` keeps the scale alpha/r.
+    ``peft.PeftModel.from_pretrained`` (and any LoRA server) loads the result as is.
+    """
+    config = _model_config(model)
+    layers = melora_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.dense_A()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = layer.dense_B()
+        ranks[name] = layer.n * layer.r
+        alphas[name] = layer.alpha * layer.n
+    full = model.state_dict()
+    for prefix in getattr(model, "_melora_modules_to_save", []):
+        for key, value in full.items():
+            if key.startswith(prefix + "."):
+                tensors[f"base_model.model.{key}"] = value
+
+    # The most common rank and alpha are the defaults; the rest go to PEFT's patterns,
+    # keyed by the full module path (PEFT matches a pattern as a regex on a path suffix).
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    conv1d = {_is_conv1d(layer.base) for layer in layers.values()}
+    if len(conv1d) > 1:
+        raise ValueError("cannot export a model that mixes Conv1D and Linear adapted layers as one PEFT adapter")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type or _task_type(model),
+        "base_model_name_or_path": _base_name(model, base_model_name_or_path),
+        "r": r0,
+        "lora_alpha": a0,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(layers),
+        "modules_to_save": list(getattr(model, "_melora_modules_to_save", [])) or None,
+        "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r0},
+        "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a0},
+        "fan_in_fan_out": conv1d.pop(),
+        "bias": "none",
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "melora": {"converted_from": config.to_dict(), "melora_lit_version": _version()},
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous_cpu(tensors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return out
