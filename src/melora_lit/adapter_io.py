@@ -93,6 +93,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+# heads that PEFT's task models put in modules_to_save on their own
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
@@ -127,8 +132,18 @@ def export_peft_lora(
             tensors[f"base_model.model.{name}.lora_B.weight"] = layer.dense_B()
         ranks[name] = layer.n * layer.r
         alphas[name] = layer.alpha * layer.n
+    task = task_type or _task_type(model)
+    saved = list(getattr(model, "_melora_modules_to_save", []))
+    # PEFT adds the task head to modules_to_save for these task types and then requires its
+    # weights in the adapter file; export the (possibly frozen) head the model runs with.
+    for head in _PEFT_TASK_HEADS.get(task, ()):
+        for mname, _ in model.named_modules():
+            if (mname == head or mname.endswith("." + head)) and not any(
+                    mname == s or mname.startswith(s + ".") or s.startswith(mname + ".")
+                    for s in [*saved, *layers]):
+                saved.append(mname)
     full = model.state_dict()
-    for prefix in getattr(model, "_melora_modules_to_save", []):
+    for prefix in saved:
         for key, value in full.items():
             if key.startswith(prefix + "."):
                 tensors[f"base_model.model.{key}"] = value
@@ -142,13 +157,13 @@ def export_peft_lora(
         raise ValueError("cannot export a model that mixes Conv1D and Linear adapted layers as one PEFT adapter")
     peft_config = {
         "peft_type": "LORA",
-        "task_type": task_type or _task_type(model),
+        "task_type": task,
         "base_model_name_or_path": _base_name(model, base_model_name_or_path),
         "r": r0,
         "lora_alpha": a0,
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),
-        "modules_to_save": list(getattr(model, "_melora_modules_to_save", [])) or None,
+        "modules_to_save": saved or None,
         "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r0},
         "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a0},
         "fan_in_fan_out": conv1d.pop(),

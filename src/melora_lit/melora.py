@@ -129,6 +129,7 @@ class MELoRALinear(nn.Module):
         if not _is_linear(base):
             raise TypeError(f"MELoRALinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
         d_in, d_out = _features(base)
+        _check_hparams("<layer>", r, n, alpha, dropout)
         _check_shape("<layer>", d_in, d_out, r, n)
         self.base = base
         self.base.requires_grad_(False)

@@ -1,0 +1,270 @@
+"""Forward+backward time of one adapted layer: MELoRA vs. the frozen floor, the paper's
+per-block loop, a batched einsum, and PEFT LoRA; plus torch.compile on varying shapes.
+
+    python benchmarks/bench_layer.py                       # d=768 and 4096, 4096 tokens, CPU fp32
+    python benchmarks/bench_layer.py --dims 768 --reps 21
+    python benchmarks/bench_layer.py --device cuda          # bf16
+
+All variants of one size are timed side by side: every round runs each of them once, in a
+rotated order, and the table reports the median over rounds. The input requires grad (as
+inside a network), so every variant, the floor included, computes the input gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from melora_lit import MELoRALinear
+
+CONFIGS = [(8, 1), (16, 1), (32, 1), (2, 8)]  # (n, r)
+ALPHA = 16.0
+
+
+# --------------------------------------------------------------------------- reference variants
+
+
+class LoopMELoRA(nn.Module):
+    """As the paper's code: n separate A_i / B_i nn.Linear on the input slices, concatenated."""
+
+    def __init__(self, base: nn.Linear, n: int, r: int, alpha: float = ALPHA):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.k, o = base.in_features // n, base.out_features // n
+        w = base.weight
+        self.A = nn.ModuleList(nn.Linear(self.k, r, bias=False, device=w.device, dtype=w.dtype) for _ in range(n))
+        self.B = nn.ModuleList(nn.Linear(r, o, bias=False, device=w.device, dtype=w.dtype) for _ in range(n))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        xs = x.split(self.k, dim=-1)
+        delta = torch.cat([b(a(xi)) for a, b, xi in zip(self.A, self.B, xs)], dim=-1)
+        return self.base(x) + delta * self.scaling
+
+
+class EinsumMELoRA(nn.Module):
+    """The plain batched version: einsum over (…, n, d_in/n) with stacked A and B; autograd backward."""
+
+    def __init__(self, base: nn.Linear, n: int, r: int, alpha: float = ALPHA):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.n, self.k, self.d_out = n, base.in_features // n, base.out_features
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.randn(n, r, self.k, device=w.device, dtype=w.dtype) * 0.02)
+        self.lora_B = nn.Parameter(torch.randn(n, self.d_out // n, r, device=w.device, dtype=w.dtype) * 0.02)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        xs = x.view(*x.shape[:-1], self.n, self.k)
+        h = torch.einsum("...nk,nrk->...nr", xs, self.lora_A)
+        delta = torch.einsum("...nr,nor->...no", h, self.lora_B).reshape(*x.shape[:-1], self.d_out)
+        return self.base(x) + delta * self.scaling
+
+
+class _One(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def peft_lora(base: nn.Linear, rank: int):
+    """PEFT's own lora.Linear around a copy of ``base``, via LoraConfig/get_peft_model."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(_One(base), LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["lin"]))
+    layer = pm.base_model.model.lin
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    return layer
+
+
+def melora(base: nn.Linear, n: int, r: int) -> MELoRALinear:
+    layer = MELoRALinear(base, r=r, n=n, alpha=ALPHA, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)  # non-zero, as after training
+    return layer
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    mod(x).backward(g)
+    x.grad = None
+    for p in mod.parameters():
+        p.grad = None
+
+
+def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: str) -> dict[str, float]:
+    names = list(variants)
+    for name in names:  # warm-up round (allocator, kernels, lazy init)
+        step(variants[name], x, g)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate the order every round
+            sync(device)
+            t0 = time.perf_counter()
+            step(variants[name], x, g)
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
+def build_variants(d: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
+    v: dict[str, nn.Module] = {"frozen nn.Linear (floor)": base}
+    for n, r in CONFIGS:
+        v[f"MELoRALinear n={n} r={r}"] = melora(copy.deepcopy(base), n, r)
+    for n, r in CONFIGS:
+        v[f"per-block loop n={n} r={r}"] = LoopMELoRA(copy.deepcopy(base), n, r)
+    for n, r in CONFIGS:
+        v[f"batched einsum n={n} r={r}"] = EinsumMELoRA(copy.deepcopy(base), n, r)
+    try:
+        for rank in sorted({r for _, r in CONFIGS} | {n * r for n, r in CONFIGS}):
+            v[f"PEFT LoRA rank {rank}"] = peft_lora(copy.deepcopy(base), rank)
+    except ImportError as e:
+        print(f"(PEFT not installed, skipped: {e})")
+    return v
+
+
+@torch.no_grad()
+def check_agreement(d: int, device: str, dtype: torch.dtype) -> float:
+    """Max abs difference between MELoRALinear, the loop and the einsum holding the same A, B."""
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
+    n, r = CONFIGS[0]
+    m, lp, es = melora(copy.deepcopy(base), n, r), LoopMELoRA(copy.deepcopy(base), n, r), EinsumMELoRA(base, n, r)
+    es.lora_A.copy_(m.lora_A)
+    es.lora_B.copy_(m.lora_B)
+    for i in range(n):
+        lp.A[i].weight.copy_(m.lora_A[i])
+        lp.B[i].weight.copy_(m.lora_B[i])
+    x = torch.randn(64, d, device=device, dtype=dtype)
+    y = m(x)
+    return max(float((y - lp(x)).abs().max()), float((y - es(x)).abs().max()))
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+SEQ_SHAPES = [(8, 512), (16, 256), (13, 315), (32, 128), (4, 1024), (7, 585), (64, 64), (9, 455)]
+
+
+def bench_compile(d: int, reps: int, device: str, dtype: torch.dtype) -> None:
+    n, r = CONFIGS[0]
+    print(f"\ntorch.compile(MELoRALinear n={n} r={r}, dynamic=True), d={d}, batches of ~4096 tokens "
+          f"with varying (batch, seq):")
+    try:
+        import torch._dynamo
+        from torch._dynamo.testing import CompileCounterWithBackend
+    except Exception as e:  # noqa: BLE001
+        print(f"  torch.compile unavailable: {type(e).__name__}: {e}")
+        return
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
+    eager = melora(copy.deepcopy(base), n, r)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(eager, backend=counter, dynamic=True)
+    hdr = f"  {'(batch, seq)':<14} {'tokens':>6} {'floor ms':>9} {'eager ms':>9} {'compiled ms':>12} " \
+          f"{'eager/floor':>12} {'compiled/floor':>15} {'graphs so far':>14}"
+    print(hdr)
+    first_compile_s = None
+    for b, s in SEQ_SHAPES:
+        x = torch.randn(b, s, d, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(b, s, d, device=device, dtype=dtype)
+        try:
+            t0 = time.perf_counter()
+            step(compiled, x, g)  # compiles on the first shape (and on any recompilation)
+            sync(device)
+            if first_compile_s is None:
+                first_compile_s = time.perf_counter() - t0
+            with torch.no_grad():
+                err = float((compiled(x) - eager(x)).abs().max())
+            if err > (1e-3 if dtype == torch.float32 else 5e-2):
+                print(f"  compiled output differs from eager by {err:.3g} at {(b, s)}")
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            print(f"  torch.compile failed on this machine: {type(e).__name__}: {msg}")
+            return
+        t = time_side_by_side({"floor": base, "eager": eager, "compiled": compiled}, x, g, reps, device)
+        print(f"  {str((b, s)):<14} {b * s:>6} {t['floor']:>9.1f} {t['eager']:>9.1f} {t['compiled']:>12.1f} "
+              f"{t['eager'] / t['floor']:>11.3f}x {t['compiled'] / t['floor']:>14.3f}x {counter.frame_count:>14}")
+    print(f"  first compile (forward+backward): {first_compile_s:.1f} s; compiled graphs: {counter.frame_count} "
+          f"for {len(SEQ_SHAPES)} shapes -> {max(counter.frame_count - 1, 0)} recompilations")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", type=int, nargs="+", default=[768, 4096], help="d_in = d_out of the layer")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per batch")
+    p.add_argument("--reps", type=int, default=11, help="timed rounds at d <= 1024")
+    p.add_argument("--reps-large", type=int, default=3, help="timed rounds at d > 1024 (slow on CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
+    p.add_argument("--compile-dim", type=int, default=768)
+    args = p.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {str(dtype).replace('torch.', '')}, "
+          f"{args.tokens} tokens, forward+backward (input requires grad), median of rounds")
+
+    results: dict[int, dict[str, float]] = {}
+    for d in args.dims:
+        reps = args.reps if d <= 1024 else args.reps_large
+        err = check_agreement(d, args.device, dtype)
+        variants = build_variants(d, args.device, dtype)
+        x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
+        g = torch.randn(args.tokens, d, device=args.device, dtype=dtype)
+        t0 = time.perf_counter()
+        results[d] = time_side_by_side(variants, x, g, reps, args.device)
+        print(f"d={d}: {reps} rounds in {time.perf_counter() - t0:.0f} s; MELoRA vs loop vs einsum "
+              f"max abs diff {err:.2g}")
+        del variants, x, g
+
+    names = list(next(iter(results.values())))
+    width = max(len(n) for n in names)
+    cols = "".join(f" | {'d=' + str(d) + ' ms':>11} {'/floor':>7}" for d in results)
+    print(f"\n{'variant':<{width}}{cols}")
+    print("-" * (width + 22 * len(results)))
+    for name in names:
+        row = "".join(f" | {results[d][name]:>11.2f} {results[d][name] / results[d][names[0]]:>6.3f}x"
+                      for d in results)
+        print(f"{name:<{width}}{row}")
+
+    if not args.no_compile:
+        bench_compile(args.compile_dim, max(3, args.reps // 2), args.device, dtype)
+
+
+if __name__ == "__main__":
+    main()

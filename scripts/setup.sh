@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up melora-lit in a virtual environment: scripts/setup.sh [EXTRAS]   (e.g. quickstart, test)
+#
+# - Inside an active virtualenv or conda env, installs there; otherwise creates ./.venv.
+# - torch: an installed torch (e.g. your CUDA build) is kept as it is. Where none is installed,
+#   torch==$TORCH_VERSION is installed first (default 2.13.0; on a machine without a GPU, set
+#   TORCH_INDEX_URL to PyTorch's CPU wheel index to avoid downloading the CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  # shellcheck disable=SC1091
+  . .venv/bin/activate
+fi
+pip_quiet=(-q --disable-pip-version-check)
+if ! python -c "import torch" >/dev/null 2>&1; then
+  torch_args=("torch==${TORCH_VERSION:-2.13.0}")
+  [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
+  echo "setup: installing ${torch_args[*]}"
+  pip install "${pip_quiet[@]}" "${torch_args[@]}"
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+echo "setup: installing melora-lit ($spec)"
+pip install "${pip_quiet[@]}" -e "$spec"

@@ -1,0 +1,65 @@
+"""Lightning callbacks of melora-lit."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``predict`` results next to the input rows.
+
+    Args:
+        output_file: ``.csv`` or ``.jsonl`` path; default ``predictions.csv`` in the run's
+            log directory. Each row holds the input columns plus ``prediction`` (a label
+            name, or a score for regression) and ``score`` (the predicted class probability).
+    """
+
+    def __init__(self, output_file: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_file = output_file
+        self.written: Path | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        # Lightning nests both per dataloader (predictions only when there are several); the
+        # data modules give predict a single dataloader.
+        if predictions and isinstance(predictions[0], list):
+            predictions = predictions[0]
+        if batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list):
+            batch_indices = batch_indices[0]
+        rows: dict[int, dict[str, Any]] = {}
+        raw = getattr(trainer.datamodule, "raw_predict", None) if trainer.datamodule is not None else None
+        for out, indices in zip(predictions, batch_indices):
+            for j, i in enumerate(indices):
+                row = dict(raw[int(i)]) if raw is not None else {"index": int(i)}
+                row.update({k: v[j] for k, v in out.items()})
+                rows[int(i)] = row
+        path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / "predictions.csv"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ordered = [rows[i] for i in sorted(rows)]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            if path.suffix == ".jsonl":
+                for row in ordered:
+                    f.write(json.dumps(row) + "\n")
+            else:
+                fields = list(dict.fromkeys(k for row in ordered for k in row))
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(ordered)
+        tmp.replace(path)  # never leave a half-written predictions file behind
+        self.written = path
+        print(f"melora-lit: wrote {len(ordered)} predictions to {path}")

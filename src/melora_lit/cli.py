@@ -1,0 +1,102 @@
+"""``melora-lit``: LightningCLI with fit, validate, test and predict.
+
+Without ``--config`` the packaged quickstart config (MiniLM on BBC News, offline) is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from .callbacks import PredictionWriter
+from .module import MELoRAModule
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def quickstart_config() -> str:
+    """Path of the packaged quickstart config (also at ``configs/quickstart.yaml``)."""
+    return str(resources.files("melora_lit") / "configs" / "quickstart.yaml")
+
+
+class MELoRACLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always-on callbacks, configurable as --checkpoint.*, --lr_monitor.*, --prediction_writer.*
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        # The tokenizer is the backbone's; the label set is the data's.
+        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        if self.config[self.subcommand].get("ckpt_path") == "last":
+            self._resume_latest_run()
+
+    def _resume_latest_run(self) -> None:
+        """Make ``--ckpt_path last`` find the newest run's ``last.ckpt`` and log into that run.
+
+        Lightning looks for ``last`` only in the new run's own (empty) version folder.
+        """
+        logger = self.trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            return
+        root = Path(logger.root_dir)
+        found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            print(f"melora-lit: no last checkpoint under {root}; starting a new run", file=sys.stderr)
+            return
+        last = found[-1]
+        version = last.parent.parent.name
+        logger._version = int(version.split("_", 1)[1]) if version.split("_", 1)[1].isdigit() else version
+        self.config_init[self.subcommand]["ckpt_path"] = str(last)
+        print(f"melora-lit: resuming from {last}", file=sys.stderr)
+
+
+def _with_default_config(args: list[str]) -> list[str]:
+    """Put the quickstart config under a subcommand that was given no ``--config``."""
+    if args and args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
+        if not any(a in ("-h", "--help") for a in args):
+            return [args[0], "--config", quickstart_config(), *args[1:]]
+    return args
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line."""
+    args = _with_default_config(list(sys.argv[1:] if args is None else args))
+    return MELoRACLI(
+        MELoRAModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    # main passes the (possibly completed) command line as `args`; that is intended here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    try:
+        cli_main()
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("MELORA_LIT_DEBUG"):
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"melora-lit: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

