@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import platform
 import statistics
@@ -90,8 +91,8 @@ def peft_lora(base: nn.Linear, rank: int):
     return layer
 
 
-def melora(base: nn.Linear, n: int, r: int) -> MELoRALinear:
-    layer = MELoRALinear(base, r=r, n=n, alpha=ALPHA, dropout=0.0)
+def melora(base: nn.Linear, n: int, r: int, cls=MELoRALinear) -> MELoRALinear:
+    layer = cls(base, r=r, n=n, alpha=ALPHA, dropout=0.0)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.02)  # non-zero, as after training
     return layer
@@ -112,7 +113,8 @@ def step(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = None
 
 
-def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: str) -> dict[str, float]:
+def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: str) -> dict[str, list[float]]:
+    """Per variant, the list of forward+backward times in ms, one per round."""
     names = list(variants)
     for name in names:  # warm-up round (allocator, kernels, lazy init)
         step(variants[name], x, g)
@@ -124,16 +126,28 @@ def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: s
             t0 = time.perf_counter()
             step(variants[name], x, g)
             sync(device)
-            samples[name].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+            samples[name].append(1e3 * (time.perf_counter() - t0))
+    return samples
 
 
-def build_variants(d: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+def load_baseline(path: str):
+    """The MELoRALinear class of another melora.py (e.g. an older revision of the core)."""
+    spec = importlib.util.spec_from_file_location("melora_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.MELoRALinear
+
+
+def build_variants(d: int, device: str, dtype: torch.dtype, baseline=None) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
     v: dict[str, nn.Module] = {"frozen nn.Linear (floor)": base}
     for n, r in CONFIGS:
         v[f"MELoRALinear n={n} r={r}"] = melora(copy.deepcopy(base), n, r)
+    if baseline is not None:
+        for n, r in CONFIGS:
+            v[f"baseline MELoRALinear n={n} r={r}"] = melora(copy.deepcopy(base), n, r, cls=baseline)
     for n, r in CONFIGS:
         v[f"per-block loop n={n} r={r}"] = LoopMELoRA(copy.deepcopy(base), n, r)
     for n, r in CONFIGS:
@@ -198,15 +212,16 @@ def bench_compile(d: int, reps: int, device: str, dtype: torch.dtype) -> None:
             sync(device)
             if first_compile_s is None:
                 first_compile_s = time.perf_counter() - t0
-            with torch.no_grad():
-                err = float((compiled(x) - eager(x)).abs().max())
+            # compare in grad mode: a no_grad call would compile a second graph
+            err = float((compiled(x) - eager(x)).detach().abs().max())
             if err > (1e-3 if dtype == torch.float32 else 5e-2):
                 print(f"  compiled output differs from eager by {err:.3g} at {(b, s)}")
         except Exception as e:  # noqa: BLE001
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             print(f"  torch.compile failed on this machine: {type(e).__name__}: {msg}")
             return
-        t = time_side_by_side({"floor": base, "eager": eager, "compiled": compiled}, x, g, reps, device)
+        t = {k: statistics.median(v) for k, v in time_side_by_side(
+            {"floor": base, "eager": eager, "compiled": compiled}, x, g, reps, device).items()}
         print(f"  {str((b, s)):<14} {b * s:>6} {t['floor']:>9.1f} {t['eager']:>9.1f} {t['compiled']:>12.1f} "
               f"{t['eager'] / t['floor']:>11.3f}x {t['compiled'] / t['floor']:>14.3f}x {counter.frame_count:>14}")
     print(f"  first compile (forward+backward): {first_compile_s:.1f} s; compiled graphs: {counter.frame_count} "
@@ -226,6 +241,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
     p.add_argument("--compile-dim", type=int, default=768)
+    p.add_argument("--baseline", metavar="MELORA_PY", default=None,
+                   help="also time the MELoRALinear of this file, e.g. an older core: "
+                        "git show REV:src/melora_lit/melora.py > /tmp/melora_old.py")
     args = p.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -243,24 +261,42 @@ def main(argv=None) -> None:
     for d in args.dims:
         reps = args.reps if d <= 1024 else args.reps_large
         err = check_agreement(d, args.device, dtype)
-        variants = build_variants(d, args.device, dtype)
+        variants = build_variants(d, args.device, dtype,
+                                  load_baseline(args.baseline) if args.baseline else None)
         x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
         g = torch.randn(args.tokens, d, device=args.device, dtype=dtype)
         t0 = time.perf_counter()
-        results[d] = time_side_by_side(variants, x, g, reps, args.device)
+        samples = time_side_by_side(variants, x, g, reps, args.device)
+        results[d] = {k: (statistics.median(v), min(v)) for k, v in samples.items()}
         print(f"d={d}: {reps} rounds in {time.perf_counter() - t0:.0f} s; MELoRA vs loop vs einsum "
               f"max abs diff {err:.2g}")
         del variants, x, g
 
     names = list(next(iter(results.values())))
+    floor = names[0]
     width = max(len(n) for n in names)
-    cols = "".join(f" | {'d=' + str(d) + ' ms':>11} {'/floor':>7}" for d in results)
-    print(f"\n{'variant':<{width}}{cols}")
-    print("-" * (width + 22 * len(results)))
+    cols = "".join(f" | {'d=' + str(d) + ' ms':>11} {'/floor':>7} {'min/floor':>9}" for d in results)
+    print(f"\n{'variant (median ms; /floor of medians; /floor of minima)':<{width}}")
+    print(f"{'variant':<{width}}{cols}")
+    print("-" * (width + 32 * len(results)))
     for name in names:
-        row = "".join(f" | {results[d][name]:>11.2f} {results[d][name] / results[d][names[0]]:>6.3f}x"
-                      for d in results)
+        row = "".join(
+            f" | {results[d][name][0]:>11.2f} {results[d][name][0] / results[d][floor][0]:>6.3f}x"
+            f" {results[d][name][1] / results[d][floor][1]:>8.3f}x" for d in results)
         print(f"{name:<{width}}{row}")
+
+    print()
+    for d, res in results.items():
+        key = "MELoRALinear n=8 r=1"
+        if key in res:
+            ratio = res[key][0] / res[floor][0]
+            verdict = ("target <= 1.05x: " + ("met" if ratio <= 1.05 else "MISSED")) if d == 768 else "no target"
+            print(f"d={d}: MELoRA n=8 r=1 = {ratio:.3f}x the floor ({verdict})")
+        for n, r in CONFIGS:
+            if n >= 8:
+                m, lp = res[f"MELoRALinear n={n} r={r}"][0], res[f"per-block loop n={n} r={r}"][0]
+                print(f"d={d}: n={n} r={r}: MELoRA {m:.1f} ms vs loop {lp:.1f} ms -> "
+                      f"{'not slower' if m <= lp else 'SLOWER'} ({m / lp:.3f}x the loop)")
 
     if not args.no_compile:
         bench_compile(args.compile_dim, max(3, args.reps // 2), args.device, dtype)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import melora_lit
 from melora_lit import (
     MELoRAConfig,
     MELoRALinear,

@@ -128,6 +128,7 @@ class MELoRAModule(L.LightningModule):
                 "trainable_params": self.summary.trainable_params,
                 "total_params": self.summary.total_params,
                 "adapter_params": self.summary.adapter_params,
+                "melora": self.melora_config.to_dict(),  # as injected, head included
             })
 
     def forward(self, **batch: torch.Tensor) -> Any:
