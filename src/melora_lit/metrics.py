@@ -8,7 +8,8 @@ split prefix with ``MetricCollection.clone(prefix=...)``.
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+import torch
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryF1Score,
@@ -18,7 +19,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-__all__ = ["GLUE_NUM_LABELS", "glue_metrics", "classification_metrics"]
+__all__ = ["GLUE_NUM_LABELS", "glue_metrics", "classification_metrics", "TokenMeanLoss", "TokenPerplexity",
+           "language_modeling_metrics"]
 
 # Output size per GLUE task; 1 is a regression score (STS-B).
 GLUE_NUM_LABELS: dict[str, int] = {
@@ -73,3 +75,39 @@ def classification_metrics(num_labels: int) -> MetricCollection:
             "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
         }
     )
+
+
+class TokenMeanLoss(Metric):
+    """Cross-entropy per target token over everything seen: sum of token losses / token count.
+
+    Updated with ``update(loss_sum, num_tokens)`` per batch, so that batches with more target
+    tokens weigh more (the mean of batch means would not be the corpus loss).
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("num_tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> None:
+        self.loss_sum += loss_sum.detach().to(self.loss_sum.dtype)
+        self.num_tokens += torch.as_tensor(num_tokens, device=self.num_tokens.device, dtype=torch.long)
+
+    def compute(self) -> torch.Tensor:
+        return (self.loss_sum / self.num_tokens.clamp(min=1)).float()
+
+
+class TokenPerplexity(TokenMeanLoss):
+    """exp of :class:`TokenMeanLoss`: the perplexity of the target tokens."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.loss_sum / self.num_tokens.clamp(min=1)).float()
+
+
+def language_modeling_metrics() -> MetricCollection:
+    """A fresh ``loss`` (token-weighted mean cross-entropy) and ``perplexity`` (its exp) collection,
+    updated with ``update(loss_sum, num_tokens)``."""
+    return MetricCollection({"loss": TokenMeanLoss(), "perplexity": TokenPerplexity()}, compute_groups=False)

