@@ -23,45 +23,9 @@ from melora_lit import (
     save_adapter,
 )
 
+from support import VOCAB, ids, tiny_bert, tiny_gpt2, tiny_llama
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-VOCAB = 99
-
-
-# --------------------------------------------------------------------------- tiny models
-
-
-def tiny_bert(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def ids(batch: int = 3, seq: int = 9, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
 def randomize(model: nn.Module, saved: list[str] = (), seed: int = 1) -> None:

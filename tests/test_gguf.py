@@ -17,8 +17,8 @@ import yaml
 
 gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package")
 
-from melora_lit.cli import cli_main  # noqa: E402
-from melora_lit.paths import gguf_source, locate_gguf, resolve_pretrained  # noqa: E402
+from melora_lit.cli import cli_main
+from melora_lit.paths import gguf_source, locate_gguf, resolve_pretrained
 
 _TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",

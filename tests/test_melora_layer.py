@@ -334,13 +334,7 @@ def test_gaussian_init_std_is_one_over_r():
 # --------------------------------------------------------------------------- n = 1 is PEFT LoRA
 
 
-def tiny_bert(seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    return BertForSequenceClassification(cfg).eval()
+from support import tiny_bert
 
 
 def test_n1_equals_peft_lora():

