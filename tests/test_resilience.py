@@ -285,16 +285,21 @@ def test_trust_remote_code_is_off_by_default(capsys):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers, grouped):
     """With workers the sampler runs batches ahead of the loop; a resumed loader must still
-    continue right after the last batch the loop received: no sample repeated or skipped."""
+    continue right after the last batch the loop received: no sample repeated or skipped. The
+    same for the length-grouped order of instruction data (group_by_length)."""
+    from melora_lit.data.instruction import LengthGroupedSampler
     from melora_lit.resilience import ResumableDataLoader, ResumableRandomSampler
 
     data = list(range(50))
 
     def loader() -> ResumableDataLoader:
-        return ResumableDataLoader(data, batch_size=4, sampler=ResumableRandomSampler(data, seed=3),
-                                   num_workers=num_workers)
+        sampler = (LengthGroupedSampler([(i * 7) % 13 for i in data], 4, seed=3, mega_batch_mult=3) if grouped
+                   else ResumableRandomSampler(data, seed=3))
+        sampler.set_epoch(1)
+        return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
 
     reference = [int(i) for batch in loader() for i in batch]
     first = loader()

@@ -50,6 +50,7 @@ __all__ = [
     "ResumableCheckpoint",
     "ResumableDataLoader",
     "ResumableRandomSampler",
+    "ResumableSampler",
     "check_checkpoint_file",
 ]
 
@@ -60,33 +61,32 @@ _TMP_PREFIX = ".ckpt-tmp-"  # no "last" in the name: Lightning's own "last" sear
 
 
 # ----------------------------------------------------------------------------- data order
-class ResumableRandomSampler(RandomSampler):
-    """A random order of ``data_source`` that depends only on ``seed`` and the epoch (set by
-    Lightning through :meth:`set_epoch`), and that can start part-way through an epoch.
+class ResumableSampler:
+    """What makes a sampler resumable (a mixin): its order is a function of ``seed`` and the
+    epoch (set by Lightning through :meth:`set_epoch`) given by :meth:`epoch_order`, and it can
+    start part-way through an epoch (:meth:`load_state_dict`). A subclass sets ``seed`` and
+    calls :meth:`_init_position`."""
 
-    It subclasses ``RandomSampler`` so that under DDP Lightning swaps in its
-    ``DistributedSampler`` exactly as before.
-    """
+    seed: int
+    epoch: int
 
-    def __init__(self, data_source: Any, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed = int(seed)
+    def _init_position(self) -> None:
         self.epoch = 0
         self._yielded = 0  # indices handed out in the current epoch
         self._started = {"epoch": 0, "start": 0}
         self._resume: dict[str, int] | None = None
 
+    def epoch_order(self) -> list[int]:
+        raise NotImplementedError
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        n = len(self.data_source)
-        # a fresh generator per epoch: the order never depends on how many epochs this process ran
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=generator).tolist()
+        order = self.epoch_order()
         start = 0
         if self._resume is not None and self._resume.get("epoch") == self.epoch:
-            start = min(int(self._resume.get("yielded", 0)), n)
+            start = min(int(self._resume.get("yielded", 0)), len(order))
         self._resume = None
         self._yielded = start
         self._started = {"epoch": self.epoch, "start": start}  # where this pass began
@@ -104,14 +104,33 @@ class ResumableRandomSampler(RandomSampler):
         self._resume = dict(state)
 
 
+class ResumableRandomSampler(ResumableSampler, RandomSampler):
+    """A random order of ``data_source`` that depends only on ``seed`` and the epoch, and that
+    can start part-way through an epoch.
+
+    It subclasses ``RandomSampler`` so that under DDP Lightning swaps in its
+    ``DistributedSampler`` exactly as before.
+    """
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        RandomSampler.__init__(self, data_source)
+        self.seed = int(seed)
+        self._init_position()
+
+    def epoch_order(self) -> list[int]:
+        # a fresh generator per epoch: the order never depends on how many epochs this process ran
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position Lightning saves with each checkpoint and restores on resume
     (it checks for ``state_dict``/``load_state_dict``), when its sampler is a
-    :class:`ResumableRandomSampler`. Under DDP Lightning replaces the sampler: its state is then
+    :class:`ResumableSampler`. Under DDP Lightning replaces the sampler: its state is then
     empty and the run resumes at the start of the epoch's remaining batches in a new order."""
 
     def __iter__(self) -> Iterator[Any]:
-        if not isinstance(self.sampler, ResumableRandomSampler) or self.batch_size is None:
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
             return super().__iter__()
         return self._counted(super().__iter__())
 
@@ -120,7 +139,7 @@ class ResumableDataLoader(DataLoader):
         # out (with workers it runs batches ahead); its start is read once the sampler has begun
         # (lazily without workers: Lightning creates the iterator before it loads the state).
         sampler = self.sampler
-        total = len(sampler.data_source)
+        total = len(sampler)
         for count, batch in enumerate(batches, start=1):
             began = sampler._started
             self._position = {"epoch": began["epoch"], "yielded": min(began["start"] + count * self.batch_size, total),
@@ -129,12 +148,12 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
-        if not isinstance(sampler, ResumableRandomSampler):
+        if not isinstance(sampler, ResumableSampler):
             return {}
         return {"sampler": dict(getattr(self, "_position", None) or sampler.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("sampler") and isinstance(self.sampler, ResumableRandomSampler):
+        if state.get("sampler") and isinstance(self.sampler, ResumableSampler):
             self.sampler.load_state_dict(state["sampler"])
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..resilience import ResumableDataLoader, ResumableRandomSampler
+from ..resilience import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 from ..metrics import language_modeling_metrics
 from .text_classification import _check_int, _one_line, _TextDataModuleBase
 
@@ -50,13 +50,14 @@ ALPACA_PROMPT_NO_INPUT = (
 _RECORD_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(ResumableSampler, Sampler[int]):
     """Indices in a seeded random order in which neighbours have similar lengths.
 
     Each epoch: a random permutation, cut into mega-batches of ``batch_size * mega_batch_mult``
     indices, each sorted by length, longest first (so batches pad little); the mega-batch that
     holds the longest example goes first, so a too-large batch fails at the first step. The
-    order changes every epoch and is the same for the same seed and epoch.
+    order changes every epoch and is the same for the same seed and epoch; a resumed run
+    continues it mid-epoch (:class:`~melora_lit.resilience.ResumableSampler`).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 42, mega_batch_mult: int = 50) -> None:
@@ -64,15 +65,12 @@ class LengthGroupedSampler(Sampler[int]):
         self.batch_size = batch_size
         self.seed = seed
         self.mega_batch_mult = mega_batch_mult
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._init_position()
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(len(self.lengths), generator=g).tolist()
         size = max(self.batch_size * self.mega_batch_mult, 1)
@@ -80,7 +78,7 @@ class LengthGroupedSampler(Sampler[int]):
         if megas:
             first = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
             megas[0], megas[first] = megas[first], megas[0]
-        return iter([i for mega in megas for i in mega])
+        return [i for mega in megas for i in mega]
 
 
 class PromptFormatter:
@@ -476,9 +474,9 @@ class InstructionDataModule(_TextDataModuleBase):
             return self._loader(ds, self.batch_size, shuffle=True)
         lengths = [len(x) for x in ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collator(),
-                          generator=torch.Generator().manual_seed(self.seed),  # not the global RNG
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collator(),
+                                   generator=torch.Generator().manual_seed(self.seed),  # not the global RNG
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         """Prompt batches, left-padded for generation, in the order of :attr:`raw_predict`."""
