@@ -256,6 +256,14 @@ def _common_root(runs: list[RunSummary]) -> Path | None:
     return None if common == Path(common.anchor) else common
 
 
+def _from_cwd(path: Path) -> str:
+    """The path relative to the working directory when it is below it (reports get committed)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
 def _groups(runs: list[RunSummary]) -> dict[tuple, list[RunSummary]]:
     groups: dict[tuple, list[RunSummary]] = defaultdict(list)
     for r in runs:
@@ -270,7 +278,7 @@ def _sort_key(r: RunSummary) -> tuple:
 def _markdown(runs: list[RunSummary], groups: dict[tuple, list[RunSummary]], root: Path | None,
               skipped: list[str]) -> str:
     lines = ["# melora-lit report", ""]
-    where = f" under `{root}`" if root is not None else ""
+    where = f" under `{_from_cwd(root)}`" if root is not None else ""
     lines += [f"{len(runs)} run{'s' if len(runs) != 1 else ''}{where}. Best validation metric: the "
               "checkpoint's monitor, else the task's main metric; epoch is 0-based.", ""]
     head = ["run", "task", "method", "n", "r", "rank n·r", "trainable params", "adapter params", "seed",
