@@ -208,12 +208,17 @@ class MELoRAModule(L.LightningModule):
         # Not in self.hparams: those must stay the init arguments, which LightningCLI reads
         # back from a checkpoint to rebuild the model.
         for logger in self.loggers:
-            logger.log_hyperparams({
-                "trainable_params": self.summary.trainable_params,
-                "total_params": self.summary.total_params,
-                "adapter_params": self.summary.adapter_params,
-                "melora": self.melora_config.to_dict(),  # as injected, head included
-            })
+            logger.log_hyperparams(self.run_hparams())
+
+    def run_hparams(self) -> dict[str, Any]:
+        """What a run logs besides the init arguments: parameter counts and the MELoRA config
+        as injected (head included)."""
+        return {
+            "trainable_params": self.summary.trainable_params,
+            "total_params": self.summary.total_params,
+            "adapter_params": self.summary.adapter_params,
+            "melora": self.melora_config.to_dict(),
+        }
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)

@@ -274,13 +274,8 @@ class BestMetricHParams(Callback):
         dm = trainer.datamodule
         if dm is not None and getattr(dm, "_log_hyperparams", False):
             params.update({k: v for k, v in dm.hparams_initial.items() if not k.startswith("_")})
-        summary = getattr(pl_module, "summary", None)  # MELoRAModule: set by configure_model
-        for key in ("trainable_params", "total_params", "adapter_params"):
-            if hasattr(summary, key):
-                params[key] = getattr(summary, key)
-        config = getattr(pl_module, "melora_config", None)
-        if hasattr(config, "to_dict"):
-            params["melora"] = config.to_dict()  # as injected, head included
+        if hasattr(pl_module, "run_hparams"):  # MELoRAModule: parameter counts, MELoRA config
+            params.update(pl_module.run_hparams())
         if resolved is not None:
             params["hp_metric_monitor"], params["hp_metric_mode"] = resolved
         # before any validation: Lightning's placeholder -1, or the best of a resumed run

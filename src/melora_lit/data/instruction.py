@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..resilience import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
+from ..resilience import ResumableSampler
 from ..metrics import language_modeling_metrics
 from .text_classification import _check_int, _one_line, _TextDataModuleBase
 
@@ -474,9 +474,7 @@ class InstructionDataModule(_TextDataModuleBase):
             return self._loader(ds, self.batch_size, shuffle=True)
         lengths = [len(x) for x in ds["input_ids"]]
         sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
-        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collator(),
-                                   generator=torch.Generator().manual_seed(self.seed),  # not the global RNG
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._loader(ds, self.batch_size, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         """Prompt batches, left-padded for generation, in the order of :attr:`raw_predict`."""
@@ -489,21 +487,6 @@ class InstructionDataModule(_TextDataModuleBase):
 
     def _collator(self) -> DataCollatorForSeq2Seq:
         return DataCollatorForSeq2Seq(self._load_tokenizer(), padding=True, label_pad_token_id=IGNORE_INDEX)
-
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        # The train order is a function of (seed, epoch) and the loader's position is saved in
-        # checkpoints, so a run resumed mid-epoch sees exactly the batches it had not seen. The
-        # loader's own seeded generator keeps it from drawing on the global torch RNG (dropout's):
-        # an extra draw there at each epoch start would make a resumed run differ.
-        return (ResumableDataLoader if shuffle else DataLoader)(
-            ds,
-            batch_size=batch_size,
-            sampler=ResumableRandomSampler(ds, self.seed) if shuffle else None,
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=self._collator(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 def chitchat_pairs(context_turns: int = 0, path: str | None = None) -> Iterator[dict[str, str]]:

@@ -19,7 +19,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..paths import resolve_pretrained
-from ..resilience import ResumableDataLoader, ResumableRandomSampler
+from ..resilience import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 from ..metrics import classification_metrics
 
 __all__ = ["TextClassificationDataModule"]
@@ -217,17 +217,24 @@ class _TextDataModuleBase(L.LightningDataModule):
             desc="Tokenizing",
         )
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        # The train order is a function of (seed, epoch) and the loader's position is saved in
-        # checkpoints, so a run resumed mid-epoch sees exactly the batches it had not seen. The
-        # loader's own seeded generator keeps it from drawing on the global torch RNG (dropout's):
-        # an extra draw there at each epoch start would make a resumed run differ.
-        return (ResumableDataLoader if shuffle else DataLoader)(
+    def _collator(self) -> Callable:
+        return DataCollatorWithPadding(self._load_tokenizer())
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False,
+                sampler: ResumableSampler | None = None) -> DataLoader:
+        # The train order (``shuffle``, or a given resumable ``sampler``) is a function of (seed,
+        # epoch) and the loader's position is saved in checkpoints, so a run resumed mid-epoch
+        # sees exactly the batches it had not seen. The loader's own seeded generator keeps it
+        # from drawing on the global torch RNG (dropout's): an extra draw there at each epoch
+        # start would make a resumed run differ.
+        if shuffle and sampler is None:
+            sampler = ResumableRandomSampler(ds, self.seed)
+        return (ResumableDataLoader if sampler is not None else DataLoader)(
             ds,
             batch_size=batch_size,
-            sampler=ResumableRandomSampler(ds, self.seed) if shuffle else None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=DataCollatorWithPadding(self._load_tokenizer()),
+            collate_fn=self._collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
