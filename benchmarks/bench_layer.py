@@ -1,13 +1,16 @@
-"""Forward+backward time of one adapted layer: MELoRA vs. the frozen floor, the paper's
-per-block loop, a batched einsum, and PEFT LoRA; plus torch.compile on varying shapes.
+"""Forward+backward time of one adapted layer: MELoRA (with its fused CPU kernels and on the
+plain-torch path) vs. the frozen floor, the paper's per-block loop, a batched einsum and PEFT
+LoRA, without and with dropout; plus torch.compile on varying shapes.
 
     python benchmarks/bench_layer.py                       # d=768 and 4096, 4096 tokens, CPU fp32
     python benchmarks/bench_layer.py --dims 768 --reps 21
     python benchmarks/bench_layer.py --device cuda          # bf16
 
 All variants of one size are timed side by side: every round runs each of them once, in a
-rotated order, and the table reports the median over rounds. The input requires grad (as
-inside a network), so every variant, the floor included, computes the input gradient.
+rotated order. The ratio to the floor is the median over rounds of (variant / floor in the
+same round), which cancels the drift of a shared machine; the median times and the ratio of
+the minima are printed too. The input requires grad (as inside a network), so every
+variant, the floor included, computes the input gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import copy
 import importlib.util
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -25,10 +29,11 @@ import warnings
 import torch
 from torch import nn
 
-from melora_lit import MELoRALinear
+from melora_lit import MELoRALinear, cpu_kernels
 
 CONFIGS = [(8, 1), (16, 1), (32, 1), (2, 8)]  # (n, r)
 ALPHA = 16.0
+DROPOUT = 0.05  # MELoRAConfig's default
 
 
 # --------------------------------------------------------------------------- reference variants
@@ -80,19 +85,31 @@ class _One(nn.Module):
         return self.lin(x)
 
 
-def peft_lora(base: nn.Linear, rank: int):
+class TorchPath(nn.Module):
+    """A MELoRALinear run on its plain-torch path (the CPU kernels switched off)."""
+
+    def __init__(self, layer: MELoRALinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with cpu_kernels.disabled():
+            return self.layer(x)
+
+
+def peft_lora(base: nn.Linear, rank: int, dropout: float = 0.0):
     """PEFT's own lora.Linear around a copy of ``base``, via LoraConfig/get_peft_model."""
     from peft import LoraConfig, get_peft_model
 
-    pm = get_peft_model(_One(base), LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["lin"]))
+    pm = get_peft_model(_One(base), LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["lin"]))
     layer = pm.base_model.model.lin
     with torch.no_grad():
         nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     return layer
 
 
-def melora(base: nn.Linear, n: int, r: int, cls=MELoRALinear) -> MELoRALinear:
-    layer = cls(base, r=r, n=n, alpha=ALPHA, dropout=0.0)
+def melora(base: nn.Linear, n: int, r: int, cls=MELoRALinear, dropout: float = 0.0) -> MELoRALinear:
+    layer = cls(base, r=r, n=n, alpha=ALPHA, dropout=dropout)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.02)  # non-zero, as after training
     return layer
@@ -145,6 +162,9 @@ def build_variants(d: int, device: str, dtype: torch.dtype, baseline=None) -> di
     v: dict[str, nn.Module] = {"frozen nn.Linear (floor)": base}
     for n, r in CONFIGS:
         v[f"MELoRALinear n={n} r={r}"] = melora(copy.deepcopy(base), n, r)
+    if kernels_on(device, dtype):
+        for n, r in CONFIGS:
+            v[f"MELoRALinear n={n} r={r}, torch path"] = TorchPath(melora(copy.deepcopy(base), n, r))
     if baseline is not None:
         for n, r in CONFIGS:
             v[f"baseline MELoRALinear n={n} r={r}"] = melora(copy.deepcopy(base), n, r, cls=baseline)
@@ -157,7 +177,23 @@ def build_variants(d: int, device: str, dtype: torch.dtype, baseline=None) -> di
             v[f"PEFT LoRA rank {rank}"] = peft_lora(copy.deepcopy(base), rank)
     except ImportError as e:
         print(f"(PEFT not installed, skipped: {e})")
+    # with dropout (train mode): the adapter sees dropout(x), the base sees x
+    n, r = CONFIGS[0]
+    v[f"MELoRALinear n={n} r={r}, dropout {DROPOUT}"] = melora(copy.deepcopy(base), n, r, dropout=DROPOUT)
+    if kernels_on(device, dtype):
+        v[f"MELoRALinear n={n} r={r}, dropout {DROPOUT}, torch path"] = TorchPath(
+            melora(copy.deepcopy(base), n, r, dropout=DROPOUT))
+    try:
+        v[f"PEFT LoRA rank {n * r}, dropout {DROPOUT}"] = peft_lora(copy.deepcopy(base), n * r, DROPOUT)
+    except ImportError:
+        pass
+    for m in v.values():
+        m.train()
     return v
+
+
+def kernels_on(device: str, dtype: torch.dtype) -> bool:
+    return device == "cpu" and dtype == torch.float32 and cpu_kernels.available()
 
 
 @torch.no_grad()
@@ -228,6 +264,53 @@ def bench_compile(d: int, reps: int, device: str, dtype: torch.dtype) -> None:
           f"for {len(SEQ_SHAPES)} shapes -> {max(counter.frame_count - 1, 0)} recompilations")
 
 
+# --------------------------------------------------------------------------- fold threshold
+
+
+def bench_fold(dims: list[int], ratios: list[float], reps: int) -> None:
+    """CPU kernels: the update folded into the weight vs. added to the activations, by tokens
+    per feature. MELoRALinear folds from melora._FOLD_TOKENS_PER_FEATURE on."""
+    import melora_lit.melora as core
+
+    if not kernels_on("cpu", torch.float32):
+        print("\nfold sweep: needs the CPU kernels")
+        return
+    print(f"\nCPU kernels, n=8 r=1, median of per-round ratios to the floor over {reps} rounds "
+          f"(MELoRALinear folds from {core._FOLD_TOKENS_PER_FEATURE} tokens per feature):")
+    print(f"  {'d':>5} {'tokens':>7} {'tokens/d':>9} {'floor ms':>9} {'folded':>8} {'added':>8}")
+    default = core._FOLD_TOKENS_PER_FEATURE
+    try:
+        for d in dims:
+            torch.manual_seed(0)
+            base = nn.Linear(d, d).requires_grad_(False)
+            layer = melora(copy.deepcopy(base), 8, 1)
+            for ratio in ratios:
+                tokens = int(ratio * d)
+                x = torch.randn(tokens, d, requires_grad=True)
+                g = torch.randn(tokens, d)
+                variants = {"floor": (base, default), "folded": (layer, 0), "added": (layer, float("inf"))}
+
+                def run(name):
+                    core._FOLD_TOKENS_PER_FEATURE = variants[name][1]
+                    step(variants[name][0], x, g)
+
+                times: dict[str, list[float]] = {k: [] for k in variants}
+                names = list(variants)
+                for name in names:
+                    run(name)
+                for rep in range(reps):
+                    for name in names[rep % 3:] + names[:rep % 3]:
+                        t0 = time.perf_counter()
+                        run(name)
+                        times[name].append(time.perf_counter() - t0)
+                fl = times["floor"]
+                rel = {k: statistics.median([a / b for a, b in zip(v, fl)]) for k, v in times.items()}
+                print(f"  {d:>5} {tokens:>7} {ratio:>9.2f} {1e3 * statistics.median(fl):>9.2f} "
+                      f"{rel['folded']:>7.3f}x {rel['added']:>7.3f}x")
+    finally:
+        core._FOLD_TOKENS_PER_FEATURE = default
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -241,6 +324,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile part")
     p.add_argument("--compile-dim", type=int, default=768)
+    p.add_argument("--only", metavar="REGEX", default=None,
+                   help="time only the variants whose name matches (the floor always), e.g. 'n=8 r=1' "
+                        "for more rounds of the headline comparison")
+    p.add_argument("--fold-sweep", action="store_true",
+                   help="only the folded-vs-added sweep over tokens per feature (CPU kernels)")
     p.add_argument("--baseline", metavar="MELORA_PY", default=None,
                    help="also time the MELoRALinear of this file, e.g. an older core: "
                         "git show REV:src/melora_lit/melora.py > /tmp/melora_old.py")
@@ -255,7 +343,13 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {str(dtype).replace('torch.', '')}, "
-          f"{args.tokens} tokens, forward+backward (input requires grad), median of rounds")
+          f"{args.tokens} tokens, forward+backward (input requires grad), train mode")
+    print(f"MELoRALinear path: {'fused CPU kernels' if kernels_on(args.device, dtype) else 'plain torch'} "
+          f"(MELORA_LIT_CPU_KERNELS={cpu_kernels.kernels_setting()})")
+
+    if args.fold_sweep:
+        bench_fold([d for d in args.dims if d <= 1024] or [768], [0.5, 1, 2, 4, 6, 10], args.reps)
+        return
 
     results: dict[int, dict[str, float]] = {}
     for d in args.dims:
@@ -263,40 +357,45 @@ def main(argv=None) -> None:
         err = check_agreement(d, args.device, dtype)
         variants = build_variants(d, args.device, dtype,
                                   load_baseline(args.baseline) if args.baseline else None)
+        if args.only:
+            variants = {k: v for i, (k, v) in enumerate(variants.items()) if i == 0 or re.search(args.only, k)}
         x = torch.randn(args.tokens, d, device=args.device, dtype=dtype, requires_grad=True)
         g = torch.randn(args.tokens, d, device=args.device, dtype=dtype)
         t0 = time.perf_counter()
         samples = time_side_by_side(variants, x, g, reps, args.device)
-        results[d] = {k: (statistics.median(v), min(v)) for k, v in samples.items()}
+        floor_s = samples["frozen nn.Linear (floor)"]
+        results[d] = {k: (statistics.median(v), statistics.median([a / b for a, b in zip(v, floor_s)]),
+                          min(v) / min(floor_s)) for k, v in samples.items()}
         print(f"d={d}: {reps} rounds in {time.perf_counter() - t0:.0f} s; MELoRA vs loop vs einsum "
               f"max abs diff {err:.2g}")
         del variants, x, g
 
     names = list(next(iter(results.values())))
-    floor = names[0]
     width = max(len(n) for n in names)
     cols = "".join(f" | {'d=' + str(d) + ' ms':>11} {'/floor':>7} {'min/floor':>9}" for d in results)
-    print(f"\n{'variant (median ms; /floor of medians; /floor of minima)':<{width}}")
+    print("\nmedian ms; /floor = median of per-round ratios to the floor; min/floor = ratio of the minima")
     print(f"{'variant':<{width}}{cols}")
     print("-" * (width + 32 * len(results)))
     for name in names:
-        row = "".join(
-            f" | {results[d][name][0]:>11.2f} {results[d][name][0] / results[d][floor][0]:>6.3f}x"
-            f" {results[d][name][1] / results[d][floor][1]:>8.3f}x" for d in results)
+        row = "".join(f" | {results[d][name][0]:>11.2f} {results[d][name][1]:>6.3f}x {results[d][name][2]:>8.3f}x"
+                      for d in results)
         print(f"{name:<{width}}{row}")
 
     print()
     for d, res in results.items():
         key = "MELoRALinear n=8 r=1"
         if key in res:
-            ratio = res[key][0] / res[floor][0]
+            ratio = res[key][1]
             verdict = ("target <= 1.05x: " + ("met" if ratio <= 1.05 else "MISSED")) if d == 768 else "no target"
             print(f"d={d}: MELoRA n=8 r=1 = {ratio:.3f}x the floor ({verdict})")
         for n, r in CONFIGS:
-            if n >= 8:
-                m, lp = res[f"MELoRALinear n={n} r={r}"][0], res[f"per-block loop n={n} r={r}"][0]
-                print(f"d={d}: n={n} r={r}: MELoRA {m:.1f} ms vs loop {lp:.1f} ms -> "
+            if n >= 8 and f"MELoRALinear n={n} r={r}" in res and f"per-block loop n={n} r={r}" in res:
+                m, lp = res[f"MELoRALinear n={n} r={r}"][1], res[f"per-block loop n={n} r={r}"][1]
+                print(f"d={d}: n={n} r={r}: MELoRA {m:.3f}x vs loop {lp:.3f}x the floor -> "
                       f"{'not slower' if m <= lp else 'SLOWER'} ({m / lp:.3f}x the loop)")
+        drop = {k.split(", dropout")[0] + k.split(f"dropout {DROPOUT}")[1]: v[1] for k, v in res.items() if "dropout" in k}
+        if drop:
+            print(f"d={d}: dropout {DROPOUT}: " + ", ".join(f"{k} {v:.3f}x" for k, v in drop.items()))
 
     if not args.no_compile:
         bench_compile(args.compile_dim, max(3, args.reps // 2), args.device, dtype)

@@ -15,9 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melora_lit import MELoRAConfig, MELoRALinear, inject_melora, melora_layers
+from melora_lit import MELoRAConfig, MELoRALinear, cpu_kernels, inject_melora, melora_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def path(request):
+    """Every test runs on both fp32 CPU paths: the fused C++ kernels and plain torch."""
+    if request.param == "kernels":
+        if not cpu_kernels.available():
+            pytest.skip("CPU kernels unavailable here (test_cpu_kernels.py says why)")
+        yield request.param
+    else:
+        with cpu_kernels.disabled():
+            yield request.param
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,7 +198,7 @@ def test_gradients_without_input_grad():
 
 @pytest.mark.parametrize("base", ["linear", "conv1d"])
 @pytest.mark.parametrize("lead", [(9,), (3, 6)], ids=lambda s: "x".join(map(str, s)))
-def test_dropout_forward_and_backward(base, lead):
+def test_dropout_forward_and_backward(base, lead, path):
     """With p=0.5 the adapter sees dropout(x) and the base sees x; same mask via the seed."""
     d_in, d_out, n, r, p = 32, 48, 4, 2, 0.5
     layer = make_layer(d_in, d_out, n, r, dropout=p, base=base)
@@ -198,8 +210,13 @@ def test_dropout_forward_and_backward(base, lead):
     y = layer(x)
     y.backward(g)
 
-    torch.manual_seed(123)
-    xd = F.dropout(x.detach(), p=p, training=True)  # same RNG draw as the layer's
+    torch.manual_seed(123)  # the same RNG draw as the layer's
+    if path == "kernels":  # one seed drawn per call; the mask is a hash of (seed, token, column)
+        seed = int(torch.randint(0, 2**62, ()))
+        mask = torch.ops.melora_lit.dropout_mask(seed, x[..., 0].numel(), d_in, p).view(x.shape)
+        xd = x.detach() * mask
+    else:
+        xd = F.dropout(x.detach(), p=p, training=True)
     assert (xd == 0).any() and (xd != 0).any()
     x_ref = x.detach().double().requires_grad_()
     A_ref = layer.lora_A.detach().double().requires_grad_()

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from . import cpu_kernels
 from .callbacks import PredictionWriter
 from .module import MELoRAModule
 from .monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
@@ -153,6 +154,7 @@ def main() -> None:
     # main passes the (possibly completed) command line as `args`; that is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
+        cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
         cli_main()
     except SIGTERMException:
         # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md)

@@ -10,7 +10,9 @@ rank-r LoRA; n = 1 is plain LoRA.
 
 This module is the whole adapter: the layer, the config, injection into a model, merging and
 the adapter state. It depends on torch only (no Lightning, no transformers import), so it can
-be read and reused on its own.
+be read and reused on its own. In fp32 on CPU the layer runs the fused C++ kernels of
+:mod:`melora_lit.cpu_kernels` when they can be built; everywhere else, and as their fallback,
+the plain-torch :class:`_MELoRAFunction` below, which computes the same function.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from melora_lit import cpu_kernels
 
 __all__ = [
     "MELoRAConfig",
@@ -65,6 +69,12 @@ def _dense_weight(module: nn.Module) -> torch.Tensor | None:
     if _is_conv1d(module):
         return module.weight.t()
     return None
+
+
+# With the CPU kernels, folding the update into the weight (two weight-sized copies per
+# step) beats adding it to the activations (two activation-sized passes) from about this
+# many tokens per feature on; measured in docs/benchmarks.md.
+_FOLD_TOKENS_PER_FEATURE = 4
 
 
 def _block_diag(t: torch.Tensor) -> torch.Tensor:
@@ -144,6 +154,43 @@ class _MELoRAFunction(torch.autograd.Function):
         return gx, gxd, None, None, ga, gb, None, None
 
 
+class _MELoRAFusedCPU(torch.autograd.Function):
+    """The same function as :class:`_MELoRAFunction` for fp32 on CPU, with the adapter's
+    passes fused into the C++ kernels of :mod:`melora_lit.cpu_kernels`, dropout included.
+
+    The big GEMMs stay with BLAS (on the folded weight when ``fold``); the adapter then
+    costs one pass over the rows of x in the forward (none when folded) and one pass over
+    the rows of x and g in the backward. The dropout mask is a hash of a seed drawn from
+    torch's generator (so ``torch.manual_seed`` and saved RNG states still fix it) and is
+    regenerated in the backward, never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, fold):
+        ops = torch.ops.melora_lit
+        seed = int(torch.randint(0, 2**62, ())) if p > 0 else 0
+        if fold:
+            y = F.linear(x, ops.fold(weight, lora_a, lora_b, scaling), bias)
+        else:
+            y = F.linear(x, weight, bias)
+            ops.fwd_update_(y, x, lora_a, lora_b, scaling, p, seed)
+        ctx.scaling, ctx.p, ctx.seed, ctx.fold = scaling, p, seed, fold
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        ops, s = torch.ops.melora_lit, ctx.scaling
+        g = g.contiguous()
+        gx = ga = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ (ops.fold(weight, lora_a, lora_b, s) if ctx.fold else weight)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] or (gx is not None and not ctx.fold):
+            ga, gb = ops.bwd(x, g, lora_a, lora_b, s, ctx.p, ctx.seed, None if ctx.fold else gx)
+        return gx, None, None, ga, gb, None, None, None
+
+
 class MELoRALinear(nn.Module):
     """A frozen linear layer plus n mini LoRAs on a block diagonal.
 
@@ -211,23 +258,30 @@ class MELoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        xd = self.dropout(x)
         weight = _dense_weight(self.base)
         if weight is None:  # an exotic base layer: stay generic, let autograd do the rest
             y = self.base(x)
-            h = xd.reshape(-1, self.d_in) @ self.dense_A().to(x.dtype).t()
+            h = self.dropout(x).reshape(-1, self.d_in) @ self.dense_A().to(x.dtype).t()
             delta = (h @ self.dense_B().to(h.dtype).t()).view(*y.shape[:-1], self.d_out)
             return y + self.scaling * delta.to(y.dtype)
         # Run in the dtype the base runs in: under autocast that is the autocast dtype,
         # so cast once here and keep autocast out of the fused kernel.
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        bias = self.base.bias
         with torch.autocast(dev, enabled=False):
             args = [t.to(dtype) if t is not None else None
-                    for t in (weight, bias, self.lora_A, self.lora_B)]
+                    for t in (weight, self.base.bias, self.lora_A, self.lora_B)]
             x2 = x.to(dtype).reshape(-1, self.d_in)
-            xd2 = None if xd is x else xd.to(dtype).reshape(-1, self.d_in)
+            tokens, features = x2.shape[0], max(self.d_in, self.d_out)
+            if (dev == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling()
+                    and cpu_kernels.available()):
+                drop = self.dropout
+                p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+                fold = p == 0 and tokens >= _FOLD_TOKENS_PER_FEATURE * features
+                y = _MELoRAFusedCPU.apply(x2.contiguous(), *args, self.scaling, p, fold)
+                return y.view(*x.shape[:-1], self.d_out)
+            xd = self.dropout(x2)
+            xd2 = None if xd is x2 else xd
             # Fold the update into the weight only where that is both cheaper and as exact
             # as the unfolded sum. Cheaper: building W + s B'A' twice costs about as much as
             # four passes over a weight-sized matrix, the fold saves two passes over the
@@ -235,8 +289,7 @@ class MELoRALinear(nn.Module):
             # d=768 and loses at d=4096, hence tokens >= 4 * features. Exact: fp32/fp64 only;
             # in bf16/fp16, rounding W + dW to 16 bits would add an error as large as the
             # output's own rounding, so low precision keeps the unfolded sum.
-            fold = (xd2 is None and dtype in (torch.float32, torch.float64)
-                    and x2.shape[0] >= 4 * max(self.d_in, self.d_out))
+            fold = xd2 is None and dtype in (torch.float32, torch.float64) and tokens >= 4 * features
             y = _MELoRAFunction.apply(x2, xd2, *args, self.scaling, fold)
         return y.view(*x.shape[:-1], self.d_out)
 

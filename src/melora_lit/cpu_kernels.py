@@ -1,0 +1,119 @@
+"""Fused CPU kernels for :class:`~melora_lit.MELoRALinear`, compiled on first use.
+
+On CPU the adapter's cost is not its FLOPs (under 1 % of the layer's) but its passes over
+the activations; ``csrc/melora_cpu.cpp`` does all of the adapter's per-token work in one
+pass (see there). It is built once per machine type with the system C++ compiler through
+``torch.utils.cpp_extension`` (10-30 s, cached under
+``$TORCH_EXTENSIONS_DIR``) and registered as ``torch.ops.melora_lit.*``.
+
+``MELORA_LIT_CPU_KERNELS`` chooses: ``auto`` (default: build, or fall back with one
+warning to the plain-torch path, which computes the same function), ``0`` (never build),
+``1`` (build, and raise if that fails). Torch only; no Lightning import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "disabled", "kernels_setting"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "melora_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_disabled = 0
+
+
+def kernels_setting() -> str:
+    """The value of ``MELORA_LIT_CPU_KERNELS``: ``auto``, ``0`` or ``1``."""
+    value = os.environ.get("MELORA_LIT_CPU_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"MELORA_LIT_CPU_KERNELS={value!r} is not valid; use auto, 0 or 1")
+    return value
+
+
+def _machine_tag() -> str:
+    # -march=native code must never run on another CPU (a shared home directory across a
+    # heterogeneous cluster): the build name carries the CPU's identity and the torch version.
+    ident = [platform.machine(), torch.__version__, _SOURCE.read_text()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += sorted({line for line in f if line.startswith(("flags", "model name", "Features"))})
+    except OSError:
+        ident.append(platform.processor())
+    return hashlib.sha1("\n".join(ident).encode()).hexdigest()[:12]
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    # ninja from the running interpreter's environment, also when it is not activated
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
+    name = f"melora_lit_cpu_{_machine_tag()}"
+    try:  # a private helper, only to say that a (slow) first build is running
+        built = (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # noqa: BLE001
+        built = True
+    if not built:
+        print("melora_lit: compiling the fused CPU kernels for this machine (once, 10-30 s)",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run MELoRALinear on its plain-torch path inside this block (to compare, or to debug).
+
+    The path is chosen in the forward; the backward of that forward follows it.
+    """
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels can be used; builds them on the first call."""
+    if _disabled:
+        return False
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        setting = kernels_setting()
+        if setting == "0" or sys.platform == "win32":
+            _state["ok"] = False
+            return False
+        try:
+            _build()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+            if setting == "1":
+                raise RuntimeError(f"MELORA_LIT_CPU_KERNELS=1 but the CPU kernels failed to build: {e}") from e
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"melora_lit: CPU kernels unavailable ({type(e).__name__}: {first}); "
+                          "using the plain-torch path (same results, slower on CPU). "
+                          "Set MELORA_LIT_CPU_KERNELS=0 to skip the build.", stacklevel=2)
+            _state["ok"] = False
+        return bool(_state["ok"])

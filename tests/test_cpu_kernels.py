@@ -1,0 +1,193 @@
+"""The fused CPU kernels (csrc/melora_cpu.cpp): that they are really built and used here,
+their dropout mask, and the fallback when they cannot be built.
+
+Their arithmetic is checked against float64 dense references by every test of
+test_melora_layer.py, which runs once with the kernels and once on the plain-torch path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from melora_lit import MELoRALinear, cpu_kernels
+from melora_lit.melora import _MELoRAFusedCPU
+
+
+def test_kernels_are_built_and_used_on_cpu_fp32(monkeypatch):
+    """Unless switched off, the kernels must build on this machine (CI included): a silent
+    fallback would leave them untested."""
+    if cpu_kernels.kernels_setting() == "0":
+        pytest.skip("MELORA_LIT_CPU_KERNELS=0")
+    assert cpu_kernels.available(), "the CPU kernels did not build here; see the warning above"
+    calls = []
+    monkeypatch.setattr(_MELoRAFusedCPU, "apply", lambda *a: calls.append(a) or a[1].new_zeros(a[0].shape[0], 16))
+    MELoRALinear(nn.Linear(8, 16), r=1, n=2)(torch.randn(3, 8))
+    assert len(calls) == 1
+
+
+def _ops():
+    if not cpu_kernels.available():
+        pytest.skip("CPU kernels unavailable")
+    return torch.ops.melora_lit
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_is_bernoulli(p):
+    ops = _ops()
+    tokens, features = 2000, 384
+    m = ops.dropout_mask(12345, tokens, features, p)
+    kept = m != 0
+    # kept entries are scaled by exactly 1/(1-p), as nn.Dropout does
+    assert torch.equal(m[kept], torch.full_like(m[kept], 1 / (1 - p)))
+    drop_rate = 1 - kept.double().mean().item()
+    sigma = (p * (1 - p) / m.numel()) ** 0.5
+    assert abs(drop_rate - p) < 5 * sigma, (drop_rate, p)
+    # every row and every column drops at the rate p (no stuck column or row pattern)
+    col_rate = 1 - kept.double().mean(0)
+    row_rate = 1 - kept.double().mean(1)
+    assert (col_rate - p).abs().max() < 6 * (p * (1 - p) / tokens) ** 0.5
+    assert (row_rate - p).abs().max() < 6 * (p * (1 - p) / features) ** 0.5
+    # neighbours are uncorrelated, along rows and along columns
+    k = kept.double() - kept.double().mean()
+    for a, b in [(k[:, 1:], k[:, :-1]), (k[1:], k[:-1])]:
+        corr = (a * b).mean() / k.var()
+        assert abs(corr) < 5 / m.numel() ** 0.5
+    # another seed gives another mask, the same seed the same one
+    assert not torch.equal(m, ops.dropout_mask(12346, tokens, features, p))
+    assert torch.equal(m, ops.dropout_mask(12345, tokens, features, p))
+
+
+def test_dropout_mask_does_not_depend_on_the_thread_count():
+    ops = _ops()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.dropout_mask(7, 333, 96, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, ops.dropout_mask(7, 333, 96, 0.1))
+
+
+def test_dropout_follows_torch_manual_seed_and_differs_between_steps():
+    """The mask's seed comes from torch's generator: torch.manual_seed reproduces a run, and
+    two steps see two masks."""
+    _ops()
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(64, 64), r=2, n=4, dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(50, 64)
+    torch.manual_seed(1)
+    a, b = layer(x), layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, layer(x))
+    assert not torch.allclose(a, b)
+
+
+def test_fold_and_unfold_agree_at_the_benchmark_shape():
+    """d=768, n=8, r=1 at 4096 tokens (folded) and 700 tokens (update added to y), against a
+    float64 dense block-diagonal reference: output and all three gradients."""
+    _ops()
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(768, 768), r=1, n=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)
+    for tokens in (4096, 700):
+        x = torch.randn(tokens, 768, requires_grad=True)
+        g = torch.randn(tokens, 768)
+        y = layer(x)
+        y.backward(g)
+        xr = x.detach().double().requires_grad_()
+        ar = layer.lora_A.detach().double().requires_grad_()
+        br = layer.lora_B.detach().double().requires_grad_()
+        dw = torch.block_diag(*(br[i] @ ar[i] for i in range(8))) * 16
+        ref = xr @ (layer.base.weight.double() + dw).t() + layer.base.bias.double()
+        ref.backward(g.double())
+        for got, want in [(y, ref), (x.grad, xr.grad), (layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
+            err = (got.double() - want).abs().max().item()
+            assert err <= 1e-5 * max(1.0, want.abs().max().item()), (tokens, err)
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+
+
+_CHILD = textwrap.dedent("""
+    import warnings, torch
+    from torch import nn
+    from melora_lit import MELoRALinear, cpu_kernels
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(16, 8), r=2, n=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x)
+    ref = layer.base(x) + (x @ torch.block_diag(*(layer.lora_B[i] @ layer.lora_A[i] for i in range(2))).t()) * layer.scaling
+    print("available", cpu_kernels.available())
+    print("max_err", float((y - ref).abs().max()))
+    print("warnings", [str(w.message) for w in caught])
+""")
+
+
+def _child(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env})
+
+
+def test_setting_0_skips_the_build(tmp_path):
+    out = _child(tmp_path, MELORA_LIT_CPU_KERNELS="0")
+    assert out.returncode == 0, out.stderr
+    assert "available False" in out.stdout and "warnings []" in out.stdout
+    assert float(out.stdout.split("max_err ")[1].split()[0]) < 1e-5
+    assert not (tmp_path / "ext").exists()  # nothing was compiled
+
+
+def test_a_failed_build_falls_back_with_one_warning(tmp_path):
+    """No working compiler: 'auto' warns once and computes the same function in torch;
+    '1' refuses."""
+    out = _child(tmp_path, CXX="/bin/false", MELORA_LIT_CPU_KERNELS="auto")
+    assert out.returncode == 0, out.stderr
+    assert "available False" in out.stdout
+    assert float(out.stdout.split("max_err ")[1].split()[0]) < 1e-5
+    assert "CPU kernels unavailable" in out.stdout and "MELORA_LIT_CPU_KERNELS=0" in out.stdout
+
+    out = _child(tmp_path, CXX="/bin/false", MELORA_LIT_CPU_KERNELS="1")
+    assert out.returncode != 0
+    assert "MELORA_LIT_CPU_KERNELS=1 but the CPU kernels failed to build" in out.stderr
+
+
+def test_bad_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("MELORA_LIT_CPU_KERNELS", "yes")
+    with pytest.raises(ValueError, match=r"MELORA_LIT_CPU_KERNELS='yes' is not valid; use auto, 0 or 1"):
+        cpu_kernels.kernels_setting()
+
+
+def test_torch_compile_uses_the_torch_path():
+    """Under torch.compile the layer traces the plain-torch path (one graph, no opaque op)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(32, 32), r=1, n=4)
+    eager = copy.deepcopy(layer)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    x = torch.randn(6, 32)
+    assert torch.allclose(compiled(x), eager(x), atol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_cli_rejects_a_bad_setting_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "melora_lit.cli", "fit"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**os.environ, "MELORA_LIT_CPU_KERNELS": "on"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("melora-lit: error: MELORA_LIT_CPU_KERNELS='on' is not valid; "
+                                  "use auto, 0 or 1")
+    assert not (tmp_path / "lightning_logs").exists()
