@@ -191,3 +191,55 @@ def test_cli_rejects_a_bad_setting_in_one_line(tmp_path):
     assert out.stderr.strip() == ("melora-lit: error: MELORA_LIT_CPU_KERNELS='on' is not valid; "
                                   "use auto, 0 or 1")
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_bf16_rows_are_computed_in_fp32_and_rounded_once():
+    """bf16 activations: the update is computed in fp32 and added with one round-to-nearest-even,
+    as torch's own fp32 -> bf16 conversion; NaN stays NaN."""
+    ops = _ops()
+    torch.manual_seed(0)
+    tokens, d, n, r, s = 257, 96, 4, 2, 3.0
+    a, b = torch.randn(n, r, d // n), torch.randn(n, d // n, r)
+    x = torch.randn(tokens, d).bfloat16()
+    y = torch.randn(tokens, d).bfloat16()
+    y[5, 7] = float("nan")
+    delta = x.double() @ torch.block_diag(*(b[i].double() @ a[i].double() for i in range(n))).t() * s
+    want = (y.double() + delta).float().bfloat16()
+    got = y.clone()
+    ops.fwd_update_(got, x, a, b, s, 0.0, 0)
+    assert got[5, 7].isnan() and want[5, 7].isnan()
+    ok = ~want.isnan()
+    # the fp32 sums differ from the float64 ones in their last bits: a tie can round the other
+    # way, but never by more than one bf16 step
+    step = (want.float().abs() * 2.0**-7).clamp_min(2.0**-126)
+    assert ((got.float() - want.float()).abs()[ok] <= step[ok]).all()
+    assert (got == want)[ok].double().mean() > 0.99
+    # unchanged rows when the update is zero: the conversion itself is exact
+    same = y.clone()
+    ops.fwd_update_(same, x, a, torch.zeros_like(b), s, 0.0, 0)
+    assert torch.equal(same[ok], y[ok])
+
+
+def test_bf16_backward_matches_float64_reference():
+    """bf16 activations with fp32 factors (as under bf16 autocast): gradients of A and B come
+    back in fp32 and match a float64 reference computed from the same bf16 inputs."""
+    _ops()
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(64, 48), r=2, n=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(300, 64)
+    g = torch.randn(300, 48).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.requires_grad_())
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    assert layer.lora_A.grad.dtype == torch.float32
+    xr = x.detach().bfloat16().double()
+    ar = layer.lora_A.detach().double().requires_grad_()
+    br = layer.lora_B.detach().double().requires_grad_()
+    dw = torch.block_diag(*(br[i] @ ar[i] for i in range(4))) * layer.scaling
+    (xr @ dw.t()).backward(g.double())
+    for got, want in [(layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
+        err = (got.double() - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item(), err

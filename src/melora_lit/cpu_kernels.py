@@ -1,4 +1,5 @@
-"""Fused CPU kernels for :class:`~melora_lit.MELoRALinear`, compiled on first use.
+"""Fused CPU kernels for :class:`~melora_lit.MELoRALinear` (fp32 and bf16 activations),
+compiled on first use.
 
 On CPU the adapter's cost is not its FLOPs (under 1 % of the layer's) but its passes over
 the activations; ``csrc/melora_cpu.cpp`` does all of the adapter's per-token work in one

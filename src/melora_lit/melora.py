@@ -10,9 +10,9 @@ rank-r LoRA; n = 1 is plain LoRA.
 
 This module is the whole adapter: the layer, the config, injection into a model, merging and
 the adapter state. It depends on torch only (no Lightning, no transformers import), so it can
-be read and reused on its own. In fp32 on CPU the layer runs the fused C++ kernels of
-:mod:`melora_lit.cpu_kernels` when they can be built; everywhere else, and as their fallback,
-the plain-torch :class:`_MELoRAFunction` below, which computes the same function.
+be read and reused on its own. In fp32 and bf16 on CPU the layer runs the fused C++ kernels
+of :mod:`melora_lit.cpu_kernels` when they can be built; everywhere else, and as their
+fallback, the plain-torch :class:`_MELoRAFunction` below, which computes the same function.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ class _MELoRAFunction(torch.autograd.Function):
 
 
 class _MELoRAFusedCPU(torch.autograd.Function):
-    """The same function as :class:`_MELoRAFunction` for fp32 on CPU, with the adapter's
-    passes fused into the C++ kernels of :mod:`melora_lit.cpu_kernels`, dropout included.
+    """The same function as :class:`_MELoRAFunction` for fp32 and bf16 on CPU, with the
+    adapter's passes fused into the C++ kernels of :mod:`melora_lit.cpu_kernels`, dropout
+    included. x, weight and bias are in the activations' dtype, the factors in fp32.
 
     The big GEMMs stay with BLAS (on the folded weight when ``fold``); the adapter then
     costs one pass over the rows of x in the forward (none when folded) and one pass over
@@ -273,12 +274,15 @@ class MELoRALinear(nn.Module):
                     for t in (weight, self.base.bias, self.lora_A, self.lora_B)]
             x2 = x.to(dtype).reshape(-1, self.d_in)
             tokens, features = x2.shape[0], max(self.d_in, self.d_out)
-            if (dev == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling()
+            if (dev == "cpu" and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
                     and cpu_kernels.available()):
                 drop = self.dropout
                 p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-                fold = p == 0 and tokens >= _FOLD_TOKENS_PER_FEATURE * features
-                y = _MELoRAFusedCPU.apply(x2.contiguous(), *args, self.scaling, p, fold)
+                # bf16 never folds: W + dW rounded to bf16 would lose the update's low bits
+                fold = p == 0 and dtype == torch.float32 and tokens >= _FOLD_TOKENS_PER_FEATURE * features
+                # the kernels take fp32 factors and compute in fp32 whatever the activations' dtype
+                y = _MELoRAFusedCPU.apply(x2.contiguous(), args[0], args[1], self.lora_A.float(),
+                                          self.lora_B.float(), self.scaling, p, fold)
                 return y.view(*x.shape[:-1], self.d_out)
             xd = self.dropout(x2)
             xd2 = None if xd is x2 else xd

@@ -1,4 +1,4 @@
-// Fused CPU kernels for MELoRALinear (fp32), registered as torch.ops.melora_lit.*.
+// Fused CPU kernels for MELoRALinear (fp32 and bf16), registered as torch.ops.melora_lit.*.
 //
 // Why: on CPU the adapter's cost is not its FLOPs (under 1 % of the layer's at r = 1) but
 // its passes over the (tokens x features) activations. With BLAS, h = A x, B^T g, dA and dB
@@ -7,14 +7,17 @@
 // is folded into the weight (`fold`) and one pass otherwise. Dropout is fused too: its mask
 // is a hash of (seed, token, column), regenerated in the backward instead of stored.
 //
-// Layouts, all contiguous fp32: x (T, d_in); y, g (T, d_out); a (n, r, k) with k = d_in/n;
-// b (n, o, r) with o = d_out/n, as the parameters are stored.
+// Layouts, all contiguous: x (T, d_in); y, g (T, d_out), fp32 or bf16 (the math is fp32);
+// a (n, r, k) with k = d_in/n and b (n, o, r) with o = d_out/n, fp32, as the parameters are
+// stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -115,60 +118,121 @@ void check(const at::Tensor& t, const char* name) {
               "melora_lit CPU kernel: ", name, " must be a contiguous float32 CPU tensor");
 }
 
-// Tile of TT tokens starting at tb (m of them real): row pointers into x (masked copies with
-// dropout, masks in mbuf) and, if g is given, into g.
-template <int TT>
-inline int64_t load_tile(int64_t tb, int64_t t1, const float* xp, int64_t d_in, const float* gp, int64_t d_out,
-                         const Dropout& dp, const float* zero, float* mbuf, float* xbuf,
-                         const float** xr, const float** gr) {
+void check_act(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
+              "melora_lit CPU kernel: ", name, " must be a contiguous CPU tensor of the input's dtype");
+}
+
+// bf16 <-> fp32 on the bits (round to nearest even, NaN kept), written so that gcc vectorizes
+// the loops below; c10::BFloat16's own conversions do not vectorize.
+inline float bf16_bits_to_f32(uint16_t v) {
+  const uint32_t b = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
+// out[c] += v[c], rounding once to the activations' dtype
+template <typename scalar_t>
+inline void add_row(scalar_t* out, const float* v, int64_t len) {
+  static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "fp32 rows are updated in place");
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) o[c] = f32_to_bf16_bits(bf16_bits_to_f32(o[c]) + v[c]);
+}
+
+template <typename scalar_t>
+inline float load_f32(const scalar_t* p, int64_t c) {
+  if constexpr (std::is_same_v<scalar_t, float>) return p[c];
+  else return bf16_bits_to_f32(reinterpret_cast<const uint16_t*>(p)[c]);
+}
+
+// A row as fp32: the row itself for fp32 without dropout, else a converted (and masked) copy.
+template <typename scalar_t>
+inline const float* row_f32(const scalar_t* src, int64_t d, const float* mask, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!mask) return src;
+  }
+  if (mask) {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) buf[c] = mask[c] * load_f32(src, c);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) buf[c] = load_f32(src, c);
+  }
+  return buf;
+}
+
+// Tile of TT tokens starting at tb (m of them real), as fp32 row pointers into x (dropout
+// applied; the masks in mbuf) and, if gp is given, into g. Rows past the end point at zeros.
+template <typename scalar_t, int TT>
+inline int64_t load_tile(int64_t tb, int64_t t1, const scalar_t* xp, int64_t d_in, const scalar_t* gp,
+                         int64_t d_out, const Dropout& dp, const float* zero, float* mbuf, float* xbuf,
+                         float* gbuf, const float** xr, const float** gr) {
   const int64_t m = std::min<int64_t>(TT, t1 - tb);
   for (int tt = 0; tt < TT; ++tt) {
-    if (tt >= m) { xr[tt] = zero; if (gr) gr[tt] = zero; continue; }
-    xr[tt] = xp + (tb + tt) * d_in;
-    if (gr) gr[tt] = gp + (tb + tt) * d_out;
+    if (tt >= m) { xr[tt] = zero; if (gp) gr[tt] = zero; continue; }
+    const float* mk = nullptr;
     if (dp.on) {
-      float* mk = mbuf + tt * d_in; float* buf = xbuf + tt * d_in;
-      row_mask(row_key(dp.seed, tb + tt), dp.thresh, dp.keep, mk, d_in);
-#pragma omp simd
-      for (int64_t c = 0; c < d_in; ++c) buf[c] = mk[c] * xr[tt][c];
-      xr[tt] = buf;
+      row_mask(row_key(dp.seed, tb + tt), dp.thresh, dp.keep, mbuf + tt * d_in, d_in);
+      mk = mbuf + tt * d_in;
     }
+    xr[tt] = row_f32(xp + (tb + tt) * d_in, d_in, mk, xbuf + tt * d_in);
+    if (gp) gr[tt] = row_f32(gp + (tb + tt) * d_out, d_out, nullptr, gbuf + tt * d_out);
   }
   return m;
 }
 
-template <int TT>
-void fwd_update_impl(float* yp, const float* xp, const float* ap, const float* bp, int64_t T, int64_t d_in,
+template <typename scalar_t, int TT>
+void fwd_update_impl(scalar_t* yp, const scalar_t* xp, const float* ap, const float* bp, int64_t T, int64_t d_in,
                      int64_t d_out, int64_t n, int64_t r, int64_t k, int64_t o, float s, const Dropout& dp) {
+  constexpr bool f32 = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> mbuf(dp.on ? TT * d_in : 0), xbuf(dp.on ? TT * d_in : 0), zero(d_in, 0.f), h(TT * r), hj(r);
+    std::vector<float> mbuf(dp.on ? TT * d_in : 0), xbuf(TT * d_in), zero(d_in, 0.f), h(TT * r), hj(r),
+        ybuf(f32 ? 0 : TT * d_out);
     const float* xr[TT];
     for (int64_t tb = t0; tb < t1; tb += TT) {
-      const int64_t m = load_tile<TT>(tb, t1, xp, d_in, nullptr, d_out, dp, zero.data(), mbuf.data(),
-                                      xbuf.data(), xr, nullptr);
+      const int64_t m = load_tile<scalar_t, TT>(tb, t1, xp, d_in, nullptr, d_out, dp, zero.data(), mbuf.data(),
+                                                xbuf.data(), nullptr, xr, nullptr);
+      if constexpr (!f32) std::fill(ybuf.begin(), ybuf.end(), 0.f);
       for (int64_t i = 0; i < n; ++i) {
         for (int64_t j = 0; j < r; ++j) dots<TT>(ap + (i * r + j) * k, xr, i * k, k, h.data() + j * TT);
         for (int64_t tt = 0; tt < m; ++tt) {
           for (int64_t j = 0; j < r; ++j) hj[j] = h[j * TT + tt];
-          combine(hj.data(), bp + i * r * o, r, o, s, nullptr, yp + (tb + tt) * d_out + i * o, nullptr);
+          float* out;
+          if constexpr (f32) out = yp + (tb + tt) * d_out + i * o; else out = ybuf.data() + tt * d_out + i * o;
+          combine(hj.data(), bp + i * r * o, r, o, s, nullptr, out, nullptr);
         }
       }
+      if constexpr (!f32)
+        for (int64_t tt = 0; tt < m; ++tt) add_row(yp + (tb + tt) * d_out, ybuf.data() + tt * d_out, d_out);
     }
   });
 }
 
-template <int TT>
-void bwd_impl(float* accp, int64_t na, int64_t nb, const float* xp, const float* gp, const float* ap,
-              const float* bp, float* gxp, int64_t T, int64_t d_in, int64_t d_out, int64_t n, int64_t r,
+template <typename scalar_t, int TT>
+void bwd_impl(float* accp, int64_t na, int64_t nb, const scalar_t* xp, const scalar_t* gp, const float* ap,
+              const float* bp, scalar_t* gxp, int64_t T, int64_t d_in, int64_t d_out, int64_t n, int64_t r,
               int64_t k, int64_t o, float s, const Dropout& dp) {
+  constexpr bool f32 = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
     float* da = accp + at::get_thread_num() * (na + nb);
     float* db = da + na;
-    std::vector<float> mbuf(dp.on ? TT * d_in : 0), xbuf(dp.on ? TT * d_in : 0),
-        zero(std::max(d_in, d_out), 0.f), h(TT * r), gh(TT * r), ghj(r), tmp(k);
+    std::vector<float> mbuf(dp.on ? TT * d_in : 0), xbuf(TT * d_in), gbuf(TT * d_out),
+        zero(std::max(d_in, d_out), 0.f), h(TT * r), gh(TT * r), ghj(r), tmp(k),
+        gxbuf(f32 || !gxp ? 0 : TT * d_in);
     const float* xr[TT]; const float* gr[TT];
     for (int64_t tb = t0; tb < t1; tb += TT) {
-      const int64_t m = load_tile<TT>(tb, t1, xp, d_in, gp, d_out, dp, zero.data(), mbuf.data(), xbuf.data(), xr, gr);
+      const int64_t m = load_tile<scalar_t, TT>(tb, t1, xp, d_in, gp, d_out, dp, zero.data(), mbuf.data(),
+                                                xbuf.data(), gbuf.data(), xr, gr);
+      if (!gxbuf.empty()) std::fill(gxbuf.begin(), gxbuf.end(), 0.f);
       for (int64_t i = 0; i < n; ++i) {
         for (int64_t j = 0; j < r; ++j) {  // each row slice is used again while still in L1
           dots<TT>(ap + (i * r + j) * k, xr, i * k, k, h.data() + j * TT);   // A_i x_i
@@ -179,50 +243,79 @@ void bwd_impl(float* accp, int64_t na, int64_t nb, const float* xp, const float*
         if (gxp) {
           for (int64_t tt = 0; tt < m; ++tt) {
             for (int64_t j = 0; j < r; ++j) ghj[j] = gh[j * TT + tt];
+            float* out;
+            if constexpr (f32) out = gxp + (tb + tt) * d_in + i * k; else out = gxbuf.data() + tt * d_in + i * k;
             combine(ghj.data(), ap + i * r * k, r, k, s, dp.on ? mbuf.data() + tt * d_in + i * k : nullptr,
-                    gxp + (tb + tt) * d_in + i * k, tmp.data());
+                    out, tmp.data());
           }
         }
       }
+      if constexpr (!f32)
+        if (gxp)
+          for (int64_t tt = 0; tt < m; ++tt) add_row(gxp + (tb + tt) * d_in, gxbuf.data() + tt * d_in, d_in);
     }
   });
 }
 
 }  // namespace
 
-// y += s * blockdiag(B_i A_i) dropout(x), one pass over the rows of x and y.
+// y += s * blockdiag(B_i A_i) dropout(x), one pass over the rows of x and y. x and y are fp32
+// or bf16 (computed in fp32, y rounded once); the factors are fp32.
 void fwd_update_(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                  double s, double p, int64_t seed) {
-  check(y, "y"); check(x, "x"); check(a, "lora_A"); check(b, "lora_B");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "melora_lit CPU kernel: x must be float32 or bfloat16");
+  check_act(x, "x", dt); check_act(y, "y", dt); check(a, "lora_A"); check(b, "lora_B");
   const at::Tensor bt = b.transpose(1, 2).contiguous();  // (n, r, o): the rows of B_i^T
   const int64_t n = a.size(0), r = a.size(1), k = a.size(2), o = bt.size(2);
   const Dropout dp(p, seed);
   // r = 1 is bound by memory: one row at a time streams best. Larger r is bound by
   // arithmetic: four rows at a time reuse every factor load four times.
-  auto run = r >= 4 ? fwd_update_impl<4> : fwd_update_impl<1>;
-  run(y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(), x.size(0),
-      x.size(1), y.size(1), n, r, k, o, static_cast<float>(s), dp);
+  const bool tile = r >= 4;
+  const float sf = static_cast<float>(s);
+  if (dt == at::kFloat) {
+    (tile ? fwd_update_impl<float, 4> : fwd_update_impl<float, 1>)(
+        y.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(), x.size(0), x.size(1),
+        y.size(1), n, r, k, o, sf, dp);
+  } else {
+    using bf16 = c10::BFloat16;
+    (tile ? fwd_update_impl<bf16, 4> : fwd_update_impl<bf16, 1>)(
+        y.data_ptr<bf16>(), x.data_ptr<bf16>(), a.data_ptr<float>(), bt.data_ptr<float>(), x.size(0), x.size(1),
+        y.size(1), n, r, k, o, sf, dp);
+  }
 }
 
 // The adapter's backward in one pass over the rows of x and g (and of gx, when given):
 //   dA_i = s (B_i^T g_i) dropout(x)_i^T,   dB_i = s g_i (A_i dropout(x)_i)^T,
 //   gx_i += s * mask_i * A_i^T B_i^T g_i   (only when gx is given: the unfolded case)
-// Returns (dA (n, r, k), dB (n, o, r)).
+// x, g, gx fp32 or bf16; returns fp32 (dA (n, r, k), dB (n, o, r)).
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a,
                                        const at::Tensor& b, double s, double p, int64_t seed,
                                        const c10::optional<at::Tensor>& gx) {
-  check(x, "x"); check(g, "grad"); check(a, "lora_A"); check(b, "lora_B");
-  if (gx.has_value()) check(*gx, "grad_input");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "melora_lit CPU kernel: x must be float32 or bfloat16");
+  check_act(x, "x", dt); check_act(g, "grad", dt); check(a, "lora_A"); check(b, "lora_B");
+  if (gx.has_value()) check_act(*gx, "grad_input", dt);
   const at::Tensor bt = b.transpose(1, 2).contiguous();
   const int64_t n = a.size(0), r = a.size(1), k = a.size(2), o = bt.size(2);
   const int64_t na = n * r * k, nb = n * r * o;
   // one accumulator per thread: no atomics, and a fixed order for a fixed thread count
-  at::Tensor acc = at::zeros({at::get_num_threads(), na + nb}, x.options());
+  at::Tensor acc = at::zeros({at::get_num_threads(), na + nb}, a.options());
   const Dropout dp(p, seed);
-  auto run = r >= 4 ? bwd_impl<4> : bwd_impl<1>;
-  run(acc.data_ptr<float>(), na, nb, x.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
-      bt.data_ptr<float>(), gx.has_value() ? gx->data_ptr<float>() : nullptr, x.size(0), x.size(1), g.size(1),
-      n, r, k, o, static_cast<float>(s), dp);
+  const bool tile = r >= 4;
+  const float sf = static_cast<float>(s);
+  if (dt == at::kFloat) {
+    (tile ? bwd_impl<float, 4> : bwd_impl<float, 1>)(
+        acc.data_ptr<float>(), na, nb, x.data_ptr<float>(), g.data_ptr<float>(), a.data_ptr<float>(),
+        bt.data_ptr<float>(), gx.has_value() ? gx->data_ptr<float>() : nullptr, x.size(0), x.size(1), g.size(1),
+        n, r, k, o, sf, dp);
+  } else {
+    using bf16 = c10::BFloat16;
+    (tile ? bwd_impl<bf16, 4> : bwd_impl<bf16, 1>)(
+        acc.data_ptr<float>(), na, nb, x.data_ptr<bf16>(), g.data_ptr<bf16>(), a.data_ptr<float>(),
+        bt.data_ptr<float>(), gx.has_value() ? gx->data_ptr<bf16>() : nullptr, x.size(0), x.size(1), g.size(1),
+        n, r, k, o, sf, dp);
+  }
   at::Tensor total = acc.sum(0).mul_(s);
   return {total.narrow(0, 0, na).view({n, r, k}),
           total.narrow(0, na, nb).view({n, r, o}).transpose(1, 2).contiguous()};
