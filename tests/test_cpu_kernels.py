@@ -243,3 +243,17 @@ def test_bf16_backward_matches_float64_reference():
     for got, want in [(layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
         err = (got.double() - want).abs().max().item()
         assert err <= 1e-4 * want.abs().max().item(), err
+
+
+def test_disabled_switches_only_the_current_thread():
+    import threading
+
+    _ops()
+    seen = {}
+    with cpu_kernels.disabled():
+        seen["here"] = cpu_kernels.available()
+        t = threading.Thread(target=lambda: seen.update(other=cpu_kernels.available()))
+        t.start()
+        t.join()
+    assert seen == {"here": False, "other": True}
+    assert cpu_kernels.available()

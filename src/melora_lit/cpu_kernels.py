@@ -30,7 +30,7 @@ __all__ = ["available", "disabled", "kernels_setting"]
 _SOURCE = Path(__file__).parent / "csrc" / "melora_cpu.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_disabled = 0
+_local = threading.local()  # disabled() is per thread: it must not switch other threads' layers
 
 
 def kernels_setting() -> str:
@@ -85,17 +85,16 @@ def disabled():
 
     The path is chosen in the forward; the backward of that forward follows it.
     """
-    global _disabled
-    _disabled += 1
+    _local.disabled = getattr(_local, "disabled", 0) + 1
     try:
         yield
     finally:
-        _disabled -= 1
+        _local.disabled -= 1
 
 
 def available() -> bool:
     """Whether the fused CPU kernels can be used; builds them on the first call."""
-    if _disabled:
+    if getattr(_local, "disabled", 0):
         return False
     if "ok" in _state:
         return bool(_state["ok"])
