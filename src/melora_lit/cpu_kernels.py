@@ -56,10 +56,6 @@ def _machine_tag() -> str:
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    # ninja from the running interpreter's environment, also when it is not activated
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
     name = f"melora_lit_cpu_{_machine_tag()}"
     try:  # a private helper, only to say that a (slow) first build is running
@@ -69,14 +65,20 @@ def _build() -> None:
     if not built:
         print("melora_lit: compiling the fused CPU kernels for this machine (once, 10-30 s)",
               file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    # ninja from the running interpreter's environment, also when it is not activated
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + path
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
 
 
 @contextlib.contextmanager
