@@ -148,6 +148,11 @@ def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: s
     return samples
 
 
+def paired_ratio(times: list[float], floor: list[float]) -> float:
+    """Median over rounds of (time / floor time in the same round)."""
+    return statistics.median([a / b for a, b in zip(times, floor)])
+
+
 def load_baseline(path: str):
     """The MELoRALinear class of another melora.py (e.g. an older revision of the core)."""
     spec = importlib.util.spec_from_file_location("melora_baseline", path)
@@ -268,48 +273,48 @@ def bench_compile(d: int, reps: int, device: str, dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------- fold threshold
 
 
+class FoldChoice(nn.Module):
+    """A MELoRALinear forced to fold (threshold 0) or not (threshold inf): the choice is made
+    in forward, and that forward's backward follows it."""
+
+    def __init__(self, layer: MELoRALinear, threshold: float):
+        super().__init__()
+        self.layer, self.threshold = layer, threshold
+
+    def forward(self, x):
+        import melora_lit.melora as core
+
+        default, core._FOLD_TOKENS_PER_FEATURE = core._FOLD_TOKENS_PER_FEATURE, self.threshold
+        try:
+            return self.layer(x)
+        finally:
+            core._FOLD_TOKENS_PER_FEATURE = default
+
+
 def bench_fold(dims: list[int], ratios: list[float], reps: int) -> None:
     """CPU kernels: the update folded into the weight vs. added to the activations, by tokens
     per feature. MELoRALinear folds from melora._FOLD_TOKENS_PER_FEATURE on."""
-    import melora_lit.melora as core
+    from melora_lit.melora import _FOLD_TOKENS_PER_FEATURE
 
     if not kernels_on("cpu", torch.float32):
         print("\nfold sweep: needs the CPU kernels")
         return
     print(f"\nCPU kernels, n=8 r=1, median of per-round ratios to the floor over {reps} rounds "
-          f"(MELoRALinear folds from {core._FOLD_TOKENS_PER_FEATURE} tokens per feature):")
+          f"(MELoRALinear folds from {_FOLD_TOKENS_PER_FEATURE} tokens per feature):")
     print(f"  {'d':>5} {'tokens':>7} {'tokens/d':>9} {'floor ms':>9} {'folded':>8} {'added':>8}")
-    default = core._FOLD_TOKENS_PER_FEATURE
-    try:
-        for d in dims:
-            torch.manual_seed(0)
-            base = nn.Linear(d, d).requires_grad_(False)
-            layer = melora(copy.deepcopy(base), 8, 1)
-            for ratio in ratios:
-                tokens = int(ratio * d)
-                x = torch.randn(tokens, d, requires_grad=True)
-                g = torch.randn(tokens, d)
-                variants = {"floor": (base, default), "folded": (layer, 0), "added": (layer, float("inf"))}
-
-                def run(name):
-                    core._FOLD_TOKENS_PER_FEATURE = variants[name][1]
-                    step(variants[name][0], x, g)
-
-                times: dict[str, list[float]] = {k: [] for k in variants}
-                names = list(variants)
-                for name in names:
-                    run(name)
-                for rep in range(reps):
-                    for name in names[rep % 3:] + names[:rep % 3]:
-                        t0 = time.perf_counter()
-                        run(name)
-                        times[name].append(time.perf_counter() - t0)
-                fl = times["floor"]
-                rel = {k: statistics.median([a / b for a, b in zip(v, fl)]) for k, v in times.items()}
-                print(f"  {d:>5} {tokens:>7} {ratio:>9.2f} {1e3 * statistics.median(fl):>9.2f} "
-                      f"{rel['folded']:>7.3f}x {rel['added']:>7.3f}x")
-    finally:
-        core._FOLD_TOKENS_PER_FEATURE = default
+    for d in dims:
+        torch.manual_seed(0)
+        base = nn.Linear(d, d).requires_grad_(False)
+        layer = melora(copy.deepcopy(base), 8, 1)
+        variants = {"floor": base, "folded": FoldChoice(layer, 0), "added": FoldChoice(layer, float("inf"))}
+        for ratio in ratios:
+            tokens = int(ratio * d)
+            x = torch.randn(tokens, d, requires_grad=True)
+            g = torch.randn(tokens, d)
+            times = time_side_by_side(variants, x, g, reps, "cpu")
+            print(f"  {d:>5} {tokens:>7} {ratio:>9.2f} {statistics.median(times['floor']):>9.2f} "
+                  f"{paired_ratio(times['folded'], times['floor']):>7.3f}x "
+                  f"{paired_ratio(times['added'], times['floor']):>7.3f}x")
 
 
 # --------------------------------------------------------------------------- main
@@ -367,7 +372,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         samples = time_side_by_side(variants, x, g, reps, args.device)
         floor_s = samples["frozen nn.Linear (floor)"]
-        results[d] = {k: (statistics.median(v), statistics.median([a / b for a, b in zip(v, floor_s)]),
+        results[d] = {k: (statistics.median(v), paired_ratio(v, floor_s),
                           min(v) / min(floor_s)) for k, v in samples.items()}
         print(f"d={d}: {reps} rounds in {time.perf_counter() - t0:.0f} s; MELoRA vs loop vs einsum "
               f"max abs diff {err:.2g}")

@@ -24,6 +24,12 @@ NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
 FILLER = "the film about a family in a small town with music and a long ending".split()
 
 
+def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * blockdiag(B_1 A_1, ..., B_n A_n) from stored (n,r,k) / (n,o,r) factors: the
+    independent reference the MELoRA layer tests compare with."""
+    return torch.block_diag(*[B[i] @ A[i] for i in range(A.shape[0])]) * scaling
+
+
 def tiny_bert(seed: int = 0, hidden: int = 32):
     """A 2-layer BERT sequence classifier (3 labels) over a 99-token vocabulary, in eval mode."""
     from transformers import BertConfig, BertForSequenceClassification

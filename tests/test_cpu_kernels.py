@@ -19,6 +19,7 @@ from torch import nn
 
 from melora_lit import MELoRALinear, cpu_kernels
 from melora_lit.melora import _MELoRAFusedCPU
+from support import dense_delta
 
 
 def test_kernels_are_built_and_used_on_cpu_fp32(monkeypatch):
@@ -31,6 +32,15 @@ def test_kernels_are_built_and_used_on_cpu_fp32(monkeypatch):
     monkeypatch.setattr(_MELoRAFusedCPU, "apply", lambda *a: calls.append(a) or a[1].new_zeros(a[0].shape[0], 16))
     MELoRALinear(nn.Linear(8, 16), r=1, n=2)(torch.randn(3, 8))
     assert len(calls) == 1
+
+
+def _layer(d_in: int, d_out: int, n: int, r: int, std: float = 1.0, **kwargs) -> MELoRALinear:
+    """A seeded MELoRALinear with a non-zero B (as after training)."""
+    torch.manual_seed(0)
+    layer = MELoRALinear(nn.Linear(d_in, d_out), r=r, n=n, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=std)
+    return layer
 
 
 def _ops():
@@ -80,10 +90,7 @@ def test_dropout_follows_torch_manual_seed_and_differs_between_steps():
     """The mask's seed comes from torch's generator: torch.manual_seed reproduces a run, and
     two steps see two masks."""
     _ops()
-    torch.manual_seed(0)
-    layer = MELoRALinear(nn.Linear(64, 64), r=2, n=4, dropout=0.3)
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = _layer(64, 64, 4, 2, dropout=0.3)
     x = torch.randn(50, 64)
     torch.manual_seed(1)
     a, b = layer(x), layer(x)
@@ -96,10 +103,7 @@ def test_fold_and_unfold_agree_at_the_benchmark_shape():
     """d=768, n=8, r=1 at 4096 tokens (folded) and 700 tokens (update added to y), against a
     float64 dense block-diagonal reference: output and all three gradients."""
     _ops()
-    torch.manual_seed(0)
-    layer = MELoRALinear(nn.Linear(768, 768), r=1, n=8, alpha=16)
-    with torch.no_grad():
-        layer.lora_B.normal_(std=0.02)
+    layer = _layer(768, 768, 8, 1, std=0.02, alpha=16)
     for tokens in (4096, 700):
         x = torch.randn(tokens, 768, requires_grad=True)
         g = torch.randn(tokens, 768)
@@ -108,7 +112,7 @@ def test_fold_and_unfold_agree_at_the_benchmark_shape():
         xr = x.detach().double().requires_grad_()
         ar = layer.lora_A.detach().double().requires_grad_()
         br = layer.lora_B.detach().double().requires_grad_()
-        dw = torch.block_diag(*(br[i] @ ar[i] for i in range(8))) * 16
+        dw = dense_delta(ar, br, 16)
         ref = xr @ (layer.base.weight.double() + dw).t() + layer.base.bias.double()
         ref.backward(g.double())
         for got, want in [(y, ref), (x.grad, xr.grad), (layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
@@ -203,7 +207,7 @@ def test_bf16_rows_are_computed_in_fp32_and_rounded_once():
     x = torch.randn(tokens, d).bfloat16()
     y = torch.randn(tokens, d).bfloat16()
     y[5, 7] = float("nan")
-    delta = x.double() @ torch.block_diag(*(b[i].double() @ a[i].double() for i in range(n))).t() * s
+    delta = x.double() @ dense_delta(a.double(), b.double(), s).t()
     want = (y.double() + delta).float().bfloat16()
     got = y.clone()
     ops.fwd_update_(got, x, a, b, s, 0.0, 0)
@@ -224,10 +228,7 @@ def test_bf16_backward_matches_float64_reference():
     """bf16 activations with fp32 factors (as under bf16 autocast): gradients of A and B come
     back in fp32 and match a float64 reference computed from the same bf16 inputs."""
     _ops()
-    torch.manual_seed(0)
-    layer = MELoRALinear(nn.Linear(64, 48), r=2, n=4, alpha=8)
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = _layer(64, 48, 4, 2, alpha=8)
     x = torch.randn(300, 64)
     g = torch.randn(300, 48).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,7 +239,7 @@ def test_bf16_backward_matches_float64_reference():
     xr = x.detach().bfloat16().double()
     ar = layer.lora_A.detach().double().requires_grad_()
     br = layer.lora_B.detach().double().requires_grad_()
-    dw = torch.block_diag(*(br[i] @ ar[i] for i in range(4))) * layer.scaling
+    dw = dense_delta(ar, br, layer.scaling)
     (xr @ dw.t()).backward(g.double())
     for got, want in [(layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
         err = (got.double() - want).abs().max().item()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melora_lit import MELoRAConfig, MELoRALinear, cpu_kernels, inject_melora, melora_layers
+from support import dense_delta
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -64,11 +65,6 @@ def base_wb(layer: MELoRALinear):
     if type(base).__name__ == "Conv1D":
         return base.weight.detach().t(), base.bias.detach()
     return base.weight.detach(), (base.bias.detach() if base.bias is not None else None)
-
-
-def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """scaling * blockdiag(B_1 A_1, ..., B_n A_n) from stored (n,r,k) / (n,o,r) factors."""
-    return torch.block_diag(*[B[i] @ A[i] for i in range(A.shape[0])]) * scaling
 
 
 def scale(layer) -> float:

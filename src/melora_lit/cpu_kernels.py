@@ -29,7 +29,7 @@ __all__ = ["available", "disabled", "kernels_setting"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "melora_cpu.cpp"
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_built: bool | None = None  # None: not tried yet
 _local = threading.local()  # disabled() is per thread: it must not switch other threads' layers
 
 
@@ -96,26 +96,28 @@ def disabled():
 
 def available() -> bool:
     """Whether the fused CPU kernels can be used; builds them on the first call."""
+    global _built
     if getattr(_local, "disabled", 0):
         return False
-    if "ok" in _state:
-        return bool(_state["ok"])
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        setting = kernels_setting()
-        if setting == "0" or sys.platform == "win32":
-            _state["ok"] = False
-            return False
-        try:
-            _build()
-            _state["ok"] = True
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-            if setting == "1":
-                raise RuntimeError(f"MELORA_LIT_CPU_KERNELS=1 but the CPU kernels failed to build: {e}") from e
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            warnings.warn(f"melora_lit: CPU kernels unavailable ({type(e).__name__}: {first}); "
-                          "using the plain-torch path (same results, slower on CPU). "
-                          "Set MELORA_LIT_CPU_KERNELS=0 to skip the build.", stacklevel=2)
-            _state["ok"] = False
-        return bool(_state["ok"])
+    if _built is None:
+        with _lock:
+            if _built is None:
+                _built = _try_build()
+    return _built
+
+
+def _try_build() -> bool:
+    setting = kernels_setting()
+    if setting == "0" or sys.platform == "win32":
+        return False
+    try:
+        _build()
+        return True
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+        if setting == "1":
+            raise RuntimeError(f"MELORA_LIT_CPU_KERNELS=1 but the CPU kernels failed to build: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"melora_lit: CPU kernels unavailable ({type(e).__name__}: {first}); "
+                      "using the plain-torch path (same results, slower on CPU). "
+                      "Set MELORA_LIT_CPU_KERNELS=0 to skip the build.", stacklevel=3)
+        return False

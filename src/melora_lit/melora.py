@@ -270,8 +270,8 @@ class MELoRALinear(nn.Module):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            args = [t.to(dtype) if t is not None else None
-                    for t in (weight, self.base.bias, self.lora_A, self.lora_B)]
+            w = weight.to(dtype)
+            b = self.base.bias.to(dtype) if self.base.bias is not None else None
             x2 = x.to(dtype).reshape(-1, self.d_in)
             tokens, features = x2.shape[0], max(self.d_in, self.d_out)
             if (dev == "cpu" and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
@@ -281,8 +281,8 @@ class MELoRALinear(nn.Module):
                 # bf16 never folds: W + dW rounded to bf16 would lose the update's low bits
                 fold = p == 0 and dtype == torch.float32 and tokens >= _FOLD_TOKENS_PER_FEATURE * features
                 # the kernels take fp32 factors and compute in fp32 whatever the activations' dtype
-                y = _MELoRAFusedCPU.apply(x2.contiguous(), args[0], args[1], self.lora_A.float(),
-                                          self.lora_B.float(), self.scaling, p, fold)
+                y = _MELoRAFusedCPU.apply(x2.contiguous(), w, b, self.lora_A.float(), self.lora_B.float(),
+                                          self.scaling, p, fold)
                 return y.view(*x.shape[:-1], self.d_out)
             xd = self.dropout(x2)
             xd2 = None if xd is x2 else xd
@@ -294,7 +294,7 @@ class MELoRALinear(nn.Module):
             # in bf16/fp16, rounding W + dW to 16 bits would add an error as large as the
             # output's own rounding, so low precision keeps the unfolded sum.
             fold = xd2 is None and dtype in (torch.float32, torch.float64) and tokens >= 4 * features
-            y = _MELoRAFunction.apply(x2, xd2, *args, self.scaling, fold)
+            y = _MELoRAFunction.apply(x2, xd2, w, b, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, fold)
         return y.view(*x.shape[:-1], self.d_out)
 
     @torch.no_grad()
