@@ -30,7 +30,8 @@ import warnings
 import torch
 from torch import nn
 
-from melora_lit import MELoRALinear, cpu_kernels
+from melora_lit import MELoRALinear
+from melora_lit.adapter import cpu_kernels
 
 CONFIGS = [(8, 1), (16, 1), (32, 1), (2, 8)]  # (n, r)
 ALPHA = 16.0
@@ -154,7 +155,7 @@ def paired_ratio(times: list[float], floor: list[float]) -> float:
 
 
 def load_baseline(path: str):
-    """The MELoRALinear class of another melora.py (e.g. an older revision of the core)."""
+    """The MELoRALinear class of another adapter/layer.py (e.g. an older revision of the core)."""
     spec = importlib.util.spec_from_file_location("melora_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -282,7 +283,7 @@ class FoldChoice(nn.Module):
         self.layer, self.threshold = layer, threshold
 
     def forward(self, x):
-        import melora_lit.melora as core
+        import melora_lit.adapter.layer as core
 
         default, core._FOLD_TOKENS_PER_FEATURE = core._FOLD_TOKENS_PER_FEATURE, self.threshold
         try:
@@ -294,7 +295,7 @@ class FoldChoice(nn.Module):
 def bench_fold(dims: list[int], ratios: list[float], reps: int) -> None:
     """CPU kernels: the update folded into the weight vs. added to the activations, by tokens
     per feature. MELoRALinear folds from melora._FOLD_TOKENS_PER_FEATURE on."""
-    from melora_lit.melora import _FOLD_TOKENS_PER_FEATURE
+    from melora_lit.adapter.layer import _FOLD_TOKENS_PER_FEATURE
 
     if not kernels_on("cpu", torch.float32):
         print("\nfold sweep: needs the CPU kernels")
@@ -339,7 +340,7 @@ def main(argv=None) -> None:
                    help="only the folded-vs-added sweep over tokens per feature (CPU kernels)")
     p.add_argument("--baseline", metavar="MELORA_PY", default=None,
                    help="also time the MELoRALinear of this file, e.g. an older core: "
-                        "git show REV:src/melora_lit/melora.py > /tmp/melora_old.py")
+                        "git show REV:src/melora_lit/adapter/layer.py > /tmp/melora_old.py")
     args = p.parse_args(argv)
 
     warnings.filterwarnings("ignore")

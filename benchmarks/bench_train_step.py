@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from melora_lit import MELoRAConfig, cpu_kernels, inject_melora
+    from melora_lit import MELoRAConfig, inject_melora
+    from melora_lit.adapter import cpu_kernels
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from melora_lit import MELoRALinear, cpu_kernels
-from melora_lit.melora import _MELoRAFusedCPU
+from melora_lit import MELoRALinear
+from melora_lit.adapter import cpu_kernels
+from melora_lit.adapter.layer import _MELoRAFusedCPU
 from support import dense_delta
 
 
@@ -124,7 +125,8 @@ def test_fold_and_unfold_agree_at_the_benchmark_shape():
 _CHILD = textwrap.dedent("""
     import warnings, torch
     from torch import nn
-    from melora_lit import MELoRALinear, cpu_kernels
+    from melora_lit import MELoRALinear
+    from melora_lit.adapter import cpu_kernels
     torch.manual_seed(0)
     layer = MELoRALinear(nn.Linear(16, 8), r=2, n=2)
     with torch.no_grad():

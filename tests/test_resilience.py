@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
-from melora_lit.resilience import EXIT_PREEMPTED
+from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 TOTAL_STEPS = 12  # 2 epochs x 6 steps
 CKPT_ARGS = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
@@ -273,7 +273,7 @@ def test_trust_remote_code_is_off_by_default(capsys):
     import yaml
 
     from melora_lit.cli import cli_main
-    from melora_lit.module import MELoRAModule, load_backbone
+    from melora_lit.training.module import MELoRAModule, load_backbone
 
     assert inspect.signature(MELoRAModule).parameters["trust_remote_code"].default is False
     assert inspect.signature(load_backbone).parameters["trust_remote_code"].default is False
@@ -291,7 +291,7 @@ def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers
     continue right after the last batch the loop received: no sample repeated or skipped. The
     same for the length-grouped order of instruction data (group_by_length)."""
     from melora_lit.data.instruction import LengthGroupedSampler
-    from melora_lit.resilience import ResumableDataLoader, ResumableRandomSampler
+    from melora_lit.training.resume import ResumableDataLoader, ResumableRandomSampler
 
     data = list(range(50))
 

@@ -18,7 +18,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from melora_lit.cli import cli_main
-from melora_lit.module import MELoRAModule
+from melora_lit.training.module import MELoRAModule
 
 from support import FILLER, save_tiny_bert, sentiment_rows, write_csv
 
@@ -175,7 +175,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, tiny_bert):
     import lightning as L
     from melora_lit.data import TextClassificationDataModule
-    from melora_lit.melora import MELoRAConfig
+    from melora_lit.adapter import MELoRAConfig
 
     cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=2)
     cli_main(["fit", "--config", str(cfg)])

@@ -1,22 +1,28 @@
 """melora-lit: fine-tune pretrained transformers with MELoRA on PyTorch Lightning.
 
-The adapter core (:mod:`melora_lit.melora`, :mod:`melora_lit.adapter_io`) imports torch and
-safetensors only; the Lightning application lives in :mod:`melora_lit.module`,
-:mod:`melora_lit.data` and :mod:`melora_lit.cli`.
+* :mod:`melora_lit.adapter`: the adapter (torch and safetensors only).
+* :mod:`melora_lit.training`: the Lightning side (module, checkpoints, resume, monitoring,
+  strategies).
+* :mod:`melora_lit.data`: the data modules, with their contract in :mod:`melora_lit.data.base`.
+* :mod:`melora_lit.sources`: where a backbone comes from (hub, local, ``package:``, GGUF).
+* :mod:`melora_lit.cli`, :mod:`melora_lit.export`, :mod:`melora_lit.report`: the commands.
 """
 
 __version__ = "0.1.0"
 
-from .adapter_io import export_peft_lora, load_adapter, load_adapter_config, save_adapter
-from .melora import (
+from .adapter import (
     InjectionSummary,
     MELoRAConfig,
     MELoRALinear,
     adapter_state_dict,
+    export_peft_lora,
     inject_melora,
+    load_adapter,
+    load_adapter_config,
     load_adapter_state_dict,
     melora_layers,
     merge_melora,
+    save_adapter,
 )
 
 __all__ = [

@@ -20,12 +20,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from . import cpu_kernels
-from .callbacks import PredictionWriter
-from .module import MELoRAModule
-from .monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
-from .paths import gguf_source
-from .resilience import EXIT_PREEMPTED, NonFiniteGuard, ExactResume, ResumableCheckpoint, check_checkpoint_file
+from .adapter import cpu_kernels
+from .training.prediction import PredictionWriter
+from .training.module import MELoRAModule
+from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
+from .sources import gguf_source
+from .training.checkpoints import EXIT_PREEMPTED, ResumableCheckpoint, check_checkpoint_file
+from .training.guards import NonFiniteGuard
+from .training.resume import ExactResume
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -39,14 +41,14 @@ class MELoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always-on callbacks, configurable as --checkpoint.*, --lr_monitor.*, --prediction_writer.*
         # ModelCheckpoint's arguments; writes are atomic, --checkpoint.every_n_train_steps N also
-        # rewrites last.ckpt every N steps, SIGTERM/SIGUSR1 save it (melora_lit.resilience)
+        # rewrites last.ckpt every N steps, SIGTERM/SIGUSR1 save it (melora_lit.training.checkpoints)
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")  # --nan_guard.action stop|skip
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
-        # TensorBoard monitoring (tags: melora_lit.monitoring): --diagnostics.*, --throughput.*, --hp_metric.*
+        # TensorBoard monitoring (tags: melora_lit.training.monitoring): --diagnostics.*, --throughput.*, --hp_metric.*
         parser.add_lightning_class_args(MELoRADiagnostics, "diagnostics")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(BestMetricHParams, "hp_metric")

@@ -3,9 +3,9 @@
 * ``merged``: the backbone with every MELoRA update folded into its weights, saved as a plain
   transformers folder (config, safetensors, tokenizer): ``AutoModelFor...from_pretrained`` loads
   it without melora_lit and gives the adapted model's outputs.
-* ``adapter``: the melora_lit adapter folder (:func:`~melora_lit.adapter_io.save_adapter`).
+* ``adapter``: the melora_lit adapter folder (:func:`~melora_lit.adapter.io.save_adapter`).
 * ``peft``: the adapter as a standard PEFT LoRA adapter of rank n·r
-  (:func:`~melora_lit.adapter_io.export_peft_lora`).
+  (:func:`~melora_lit.adapter.io.export_peft_lora`).
 
 Works for classifiers and causal LMs alike: the checkpoint's hyper-parameters rebuild the model
 (its backbone from its source), then the checkpoint's adapter is loaded into it.
@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_or_path: str | None) -> dict[str, Any]:
-    from .melora import MELoRAConfig
-    from .module import MELoRAModule
+    from .adapter import MELoRAConfig
+    from .training.module import MELoRAModule
 
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if "melora" not in ckpt or "model_name_or_path" not in hparams:
@@ -83,11 +83,11 @@ def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_o
 
 
 def load_checkpoint_model(ckpt_path: str, config: str | None = None, model_name_or_path: str | None = None):
-    """The :class:`~melora_lit.module.MELoRAModule` of a checkpoint, backbone loaded from its
+    """The :class:`~melora_lit.training.module.MELoRAModule` of a checkpoint, backbone loaded from its
     source and adapter from the checkpoint, in eval mode."""
     import torch
 
-    from .module import MELoRAModule
+    from .training.module import MELoRAModule
 
     path = Path(ckpt_path)
     if not path.is_file():
@@ -120,9 +120,9 @@ def export_checkpoint(
     """
     from transformers import AutoTokenizer
 
-    from .adapter_io import export_peft_lora, save_adapter
-    from .melora import merge_melora
-    from .paths import PACKAGE_PREFIX, gguf_source, locate_gguf, resolve_pretrained
+    from .adapter import export_peft_lora, save_adapter
+    from .adapter import merge_melora
+    from .sources import PACKAGE_PREFIX, gguf_source, locate_gguf, resolve_pretrained
 
     if format not in (*FORMATS, "all"):
         raise ValueError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}, all")

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-from ..metrics import glue_metrics
+from ..training.metrics import glue_metrics
 from .text_classification import _one_line, _TextDataModuleBase
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..resilience import ResumableSampler
-from ..metrics import language_modeling_metrics
+from ..training.resume import ResumableSampler
+from ..training.metrics import language_modeling_metrics
 from .text_classification import _check_int, _one_line, _TextDataModuleBase
 
 __all__ = [
@@ -57,7 +57,7 @@ class LengthGroupedSampler(ResumableSampler, Sampler[int]):
     indices, each sorted by length, longest first (so batches pad little); the mega-batch that
     holds the longest example goes first, so a too-large batch fails at the first step. The
     order changes every epoch and is the same for the same seed and epoch; a resumed run
-    continues it mid-epoch (:class:`~melora_lit.resilience.ResumableSampler`).
+    continues it mid-epoch (:class:`~melora_lit.training.resume.ResumableSampler`).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 42, mega_batch_mult: int = 50) -> None:
@@ -296,7 +296,7 @@ class InstructionDataModule(_TextDataModuleBase):
         return self._load_tokenizer()
 
     def build_metrics(self) -> MetricCollection:
-        """Token-weighted ``loss`` and ``perplexity`` (see :func:`~melora_lit.metrics.language_modeling_metrics`)."""
+        """Token-weighted ``loss`` and ``perplexity`` (see :func:`~melora_lit.training.metrics.language_modeling_metrics`)."""
         return language_modeling_metrics()
 
     # ---- reading --------------------------------------------------------------------------

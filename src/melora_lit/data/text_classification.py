@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..paths import resolve_pretrained
-from ..resilience import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
-from ..metrics import classification_metrics
+from ..sources import resolve_pretrained
+from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
+from ..training.metrics import classification_metrics
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -117,7 +117,7 @@ class _TextDataModuleBase(L.LightningDataModule):
         return ["val"]
 
     def build_metrics(self) -> MetricCollection:
-        """A fresh metric collection for this data (see :mod:`melora_lit.metrics`)."""
+        """A fresh metric collection for this data (see :mod:`melora_lit.training.metrics`)."""
         raise NotImplementedError
 
     def _train_split(self) -> Dataset:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .melora import (
+from .layer import (
     MELoRAConfig,
     _is_conv1d,
     adapter_state_dict,
@@ -33,7 +33,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -11,7 +11,7 @@ rank-r LoRA; n = 1 is plain LoRA.
 This module is the whole adapter: the layer, the config, injection into a model, merging and
 the adapter state. It depends on torch only (no Lightning, no transformers import), so it can
 be read and reused on its own. In fp32 and bf16 on CPU the layer runs the fused C++ kernels
-of :mod:`melora_lit.cpu_kernels` when they can be built; everywhere else, and as their
+of :mod:`melora_lit.adapter.cpu_kernels` when they can be built; everywhere else, and as their
 fallback, the plain-torch :class:`_MELoRAFunction` below, which computes the same function.
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melora_lit import cpu_kernels
+from . import cpu_kernels
 
 __all__ = [
     "MELoRAConfig",
@@ -156,7 +156,7 @@ class _MELoRAFunction(torch.autograd.Function):
 
 class _MELoRAFusedCPU(torch.autograd.Function):
     """The same function as :class:`_MELoRAFunction` for fp32 and bf16 on CPU, with the
-    adapter's passes fused into the C++ kernels of :mod:`melora_lit.cpu_kernels`, dropout
+    adapter's passes fused into the C++ kernels of :mod:`melora_lit.adapter.cpu_kernels`, dropout
     included. x, weight and bias are in the activations' dtype, the factors in fp32.
 
     The big GEMMs stay with BLAS (on the folded weight when ``fold``); the adapter then

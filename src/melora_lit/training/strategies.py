@@ -114,7 +114,7 @@ def apply_fsdp2(model: nn.Module, mesh: Any, reshard_after_forward: bool = True)
     if "tensor_parallel" in dims and mesh["tensor_parallel"].size() > 1:
         raise ValueError(
             f"tensor_parallel_size={mesh['tensor_parallel'].size()} is not supported: MELoRA shards with "
-            "FSDP2 only; use melora_lit.distributed.FSDP2Strategy (data parallel over all processes)"
+            "FSDP2 only; use melora_lit.training.strategies.FSDP2Strategy (data parallel over all processes)"
         )
     if "data_parallel" in dims:
         mesh = mesh["data_parallel"]

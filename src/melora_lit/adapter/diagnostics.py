@@ -104,7 +104,7 @@ def adapter_diagnostics(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: flo
     """‖ΔW‖_F of ΔW = scaling · blockdiag(B_i A_i), its rank reached (the sum over the blocks of
     their numerical rank, see :func:`block_ranks`) and the mean pairwise cosine similarity of
     the blocks (:func:`block_cosine_similarity`), from the factors ``lora_A`` (n, r, d_in/n) and
-    ``lora_B`` (n, d_out/n, r) of a :class:`~melora_lit.melora.MELoRALinear`.
+    ``lora_B`` (n, d_out/n, r) of a :class:`~melora_lit.adapter.MELoRALinear`.
     """
     n, r, k, o = _check(lora_a, lora_b)
     sv = block_singular_values(lora_a, lora_b)

@@ -11,7 +11,7 @@ TensorBoard tags (``M`` is a MELoRA module's path in the backbone, e.g.
                                        ``every_n_steps`` optimizer steps and at the start
 ``melora/rank/M``                      rank reached: Σ_i numerical rank of B_i A_i (≤ n·r;
                                        tolerance of ``torch.linalg.matrix_rank``, see
-                                       :func:`melora_lit.diagnostics.block_ranks`)
+                                       :func:`melora_lit.adapter.diagnostics.block_ranks`)
 ``melora/block_cos_sim/M``             mean pairwise cosine similarity of the flattened blocks
                                        B_i A_i (1: the mini LoRAs learned the same update); not
                                        logged for n = 1 or while B = 0
@@ -43,8 +43,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .diagnostics import adapter_diagnostics
-from .melora import melora_layers
+from ..adapter.diagnostics import adapter_diagnostics
+from ..adapter import melora_layers
 from .metrics import main_metric
 
 __all__ = ["MELoRADiagnostics", "TokenThroughputMonitor", "BestMetricHParams", "batch_size", "num_tokens"]
@@ -60,7 +60,7 @@ class MELoRADiagnostics(Callback):
     """Log the gradient norm each optimizer step and, every ``every_n_steps`` optimizer steps (and
     when training starts), for each MELoRA module ‖ΔW‖_F, the rank reached and the mini LoRAs'
     mean pairwise cosine similarity, plus their mean over the modules (tags: see
-    :mod:`melora_lit.monitoring`). Computed from the factors, blockwise, never as a dense ΔW.
+    :mod:`melora_lit.training.monitoring`). Computed from the factors, blockwise, never as a dense ΔW.
 
     Args:
         every_n_steps: optimizer steps between two diagnostics; 0 turns them off.
@@ -220,7 +220,7 @@ class BestMetricHParams(Callback):
     Args:
         monitor: validation metric, e.g. ``val/accuracy``; default: the checkpoint's ``monitor``
             (``--checkpoint.monitor``), else the task's main metric
-            (:func:`melora_lit.metrics.main_metric`).
+            (:func:`melora_lit.training.metrics.main_metric`).
         mode: ``max`` or ``min``; default: the checkpoint's mode for its monitor, else ``min`` for
             a loss or perplexity and ``max`` for anything else.
     """

@@ -11,10 +11,10 @@ import torch
 import torchmetrics
 from torch import nn
 
-from . import __version__
-from .melora import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
+from .. import __version__
+from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
 from .metrics import classification_metrics, language_modeling_metrics
-from .paths import resolve_pretrained
+from ..sources import resolve_pretrained
 
 # Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
 _CLASSIFIER_HEADS = ("classifier", "score")
@@ -63,7 +63,7 @@ def load_backbone(
     **kwargs: Any,
 ) -> nn.Module:
     """Load a transformers model by hub name, local path, ``package:MODULE`` or GGUF file (see
-    :mod:`melora_lit.paths`), with a clear error when it can't.
+    :mod:`melora_lit.sources`), with a clear error when it can't.
 
     ``task``: ``sequence-classification`` (a fresh head of ``num_labels`` outputs, 1 = regression)
     or ``causal-lm`` (the model with its language modeling head; num_labels and label_names are
@@ -105,7 +105,7 @@ class MELoRAModule(L.LightningModule):
     Args:
         model_name_or_path: hub name (e.g. ``roberta-base``), local directory, ``package:MODULE``
             (a model shipped in a Python package) or GGUF file of the backbone (see
-            :mod:`melora_lit.paths`).
+            :mod:`melora_lit.sources`).
         task: what the backbone is trained for: ``sequence-classification`` (a classification
             head; one output = regression) or ``causal-lm`` (instruction tuning of a decoder:
             token loss, perplexity, ``predict`` generates responses).
@@ -364,21 +364,21 @@ class MELoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def _scale_out(self, model: nn.Module) -> None:
         """Gradient checkpointing, and FSDP2 sharding under a ModelParallelStrategy (see
-        :mod:`melora_lit.distributed`). Records the checkpoint's keys and shapes first: sharding
+        :mod:`melora_lit.training.strategies`). Records the checkpoint's keys and shapes first: sharding
         splits the tensors (FSDP2) or renames the modules (FSDP1)."""
         self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
         if self.hparams.get("gradient_checkpointing"):
-            from .distributed import enable_gradient_checkpointing
+            from .strategies import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
         if self.device_mesh is not None:
-            from .distributed import apply_fsdp2
+            from .strategies import apply_fsdp2
 
             apply_fsdp2(model, self.device_mesh)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only the adapter and the saved modules: a MiniLM checkpoint is ~1 MB, not ~90 MB.
-        # (The strategies of melora_lit.distributed gather them to full tensors on rank 0.)
+        # (The strategies of melora_lit.training.strategies gather them to full tensors on rank 0.)
         keep = self._checkpoint_shapes
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["melora"] = {
@@ -389,10 +389,10 @@ class MELoRAModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from .distributed import check_state_shapes, is_sharded, load_full_state
+        from .strategies import check_state_shapes, is_sharded, load_full_state
 
         # Lightning's own FSDP and ModelParallel strategies load (and pop) the state dict
-        # themselves; those of melora_lit.distributed leave it here.
+        # themselves; those of melora_lit.training.strategies leave it here.
         if "state_dict" in checkpoint and self._trainer is not None and is_sharded(self.trainer.strategy.model):
             state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
             check_state_shapes(state, self._checkpoint_shapes)  # one line naming the mismatch
