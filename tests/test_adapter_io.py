@@ -46,6 +46,7 @@ def logits(model, x):
 
 
 QV = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
+SAVED = ["classifier"]  # the modules_to_save of the `adapted` fixture
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def adapted():
     model = tiny_bert()
     base = copy.deepcopy(model)
     config = MELoRAConfig(r=2, n=4, alpha=8.0, dropout=0.1, target_modules=["query", "value"],
-                          modules_to_save=["classifier"])
-    inject_melora(model, config)
+                          modules_to_save=SAVED)
+    assert inject_melora(model, config).modules_to_save == SAVED
     randomize(model, ["classifier"])
     return model.eval(), config, base
 
@@ -65,7 +66,7 @@ def adapted():
 
 def test_adapter_state_dict_keys(adapted):
     model, _, _ = adapted
-    sd = adapter_state_dict(model)
+    sd = adapter_state_dict(model, SAVED)
     expected = {f"{m}.{p}" for m in QV for p in ("lora_A", "lora_B")} | {"classifier.weight", "classifier.bias"}
     assert set(sd) == expected
     for m in QV:
@@ -76,62 +77,63 @@ def test_adapter_state_dict_keys(adapted):
 
 def test_adapter_state_dict_without_saved_modules():
     model = tiny_bert()
-    inject_melora(model, MELoRAConfig(r=1, n=2, target_modules=["key"]))
-    assert set(adapter_state_dict(model)) == {
+    summary = inject_melora(model, MELoRAConfig(r=1, n=2, target_modules=["key"]))
+    assert summary.modules_to_save == []
+    assert set(adapter_state_dict(model, summary.modules_to_save)) == {
         f"bert.encoder.layer.{i}.attention.self.key.{p}" for i in range(2) for p in ("lora_A", "lora_B")}
 
 
 def test_load_adapter_state_dict_restores_outputs(adapted):
     model, config, base = adapted
-    sd = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    sd = {k: v.clone() for k, v in adapter_state_dict(model, SAVED).items()}
     x = ids()
     want = logits(model, x)
     fresh = copy.deepcopy(base)
     inject_melora(fresh, config)
     assert not torch.allclose(logits(fresh.eval(), x), want)
-    load_adapter_state_dict(fresh, sd)
+    load_adapter_state_dict(fresh, sd, SAVED)
     assert torch.equal(logits(fresh.eval(), x), want)
 
 
 def _error(model, sd, match):
     with pytest.raises(ValueError, match=match) as e:
-        load_adapter_state_dict(model, sd)
+        load_adapter_state_dict(model, sd, SAVED)
     assert "\n" not in str(e.value)
     return str(e.value)
 
 
 def test_load_adapter_state_dict_missing_key(adapted):
     model, _, _ = adapted
-    sd = dict(adapter_state_dict(model))
+    sd = dict(adapter_state_dict(model, SAVED))
     del sd["bert.encoder.layer.1.attention.self.value.lora_B"]
     _error(model, sd, r"missing key 'bert\.encoder\.layer\.1\.attention\.self\.value\.lora_B'")
-    sd2 = dict(adapter_state_dict(model))
+    sd2 = dict(adapter_state_dict(model, SAVED))
     del sd2["classifier.bias"]
     _error(model, sd2, r"missing key 'classifier\.bias'")
 
 
 def test_load_adapter_state_dict_unexpected_key(adapted):
     model, _, _ = adapted
-    sd = dict(adapter_state_dict(model))
+    sd = dict(adapter_state_dict(model, SAVED))
     sd["bert.encoder.layer.0.attention.self.key.lora_A"] = torch.zeros(4, 2, 8)
     _error(model, sd, r"unexpected key 'bert\.encoder\.layer\.0\.attention\.self\.key\.lora_A'")
 
 
 def test_load_adapter_state_dict_shape_mismatch_leaves_model_unchanged(adapted):
     model, _, _ = adapted
-    before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    before = {k: v.clone() for k, v in adapter_state_dict(model, SAVED).items()}
     sd = {k: torch.zeros_like(v) for k, v in before.items()}
     key = "bert.encoder.layer.0.attention.self.query.lora_A"
     sd[key] = torch.zeros(2, 2, 16)  # n=2 instead of n=4
     msg = _error(model, sd, r"bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A")
     assert "(4, 2, 8)" in msg and "(2, 2, 16)" in msg
-    after = adapter_state_dict(model)
+    after = adapter_state_dict(model, SAVED)
     assert all(torch.equal(after[k], before[k]) for k in before)  # nothing half-loaded
 
 
 def test_load_adapter_state_dict_into_plain_model():
     with pytest.raises(ValueError, match="no MELoRA layers"):
-        load_adapter_state_dict(tiny_bert(), {})
+        load_adapter_state_dict(tiny_bert(), {}, [])
 
 
 # --------------------------------------------------------------------------- save_adapter / load_adapter
@@ -141,7 +143,7 @@ def test_save_and_load_adapter_directory(adapted, tmp_path):
     model, config, base = adapted
     x = ids()
     want = logits(model, x)
-    out = save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny-bert-test")
+    out = save_adapter(model, tmp_path / "ad", config, base_model_name_or_path="tiny-bert-test")
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
     meta = json.loads((out / "adapter_config.json").read_text())
@@ -157,7 +159,7 @@ def test_save_and_load_adapter_directory(adapted, tmp_path):
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.metadata()["melora_lit_version"] == melora_lit.__version__
-    assert keys == set(adapter_state_dict(model))
+    assert keys == set(adapter_state_dict(model, SAVED))
 
     fresh = copy.deepcopy(base)  # same base weights, no adapter
     assert not torch.allclose(logits(fresh, x), want)
@@ -170,16 +172,16 @@ def test_save_and_load_adapter_directory(adapted, tmp_path):
 def test_save_adapter_base_name_from_model_config(tmp_path):
     model = tiny_bert()
     model.config._name_or_path = "org/some-bert"
-    inject_melora(model, MELoRAConfig(r=1, n=2, target_modules=["query"]))
-    save_adapter(model, tmp_path)
+    summary = inject_melora(model, MELoRAConfig(r=1, n=2, target_modules=["query"]))
+    save_adapter(model, tmp_path, summary.config)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/some-bert"
 
 
 def test_save_adapter_requires_melora(tmp_path):
     with pytest.raises(ValueError, match="no MELoRA layers"):
-        save_adapter(tiny_bert(), tmp_path)
+        save_adapter(tiny_bert(), tmp_path, MELoRAConfig())
     with pytest.raises(ValueError, match="no MELoRA layers"):
-        export_peft_lora(tiny_bert(), tmp_path)
+        export_peft_lora(tiny_bert(), tmp_path, MELoRAConfig())
 
 
 def test_load_adapter_config_rejects_other_dirs(tmp_path):
@@ -193,11 +195,11 @@ def test_load_adapter_config_rejects_other_dirs(tmp_path):
 # --------------------------------------------------------------------------- PEFT export
 
 
-def _peft_round_trip(model, base, tmp_path, x):
+def _peft_round_trip(model, config, base, tmp_path, x):
     from peft import PeftModel
 
     want = logits(model, x)
-    export_peft_lora(model, tmp_path / "peft")
+    export_peft_lora(model, tmp_path / "peft", config)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     got = logits(peft_model, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -216,7 +218,7 @@ def _peft_lora_layers(peft_model) -> dict:
 
 def test_export_peft_bert_seq_cls_with_classifier(adapted, tmp_path):
     model, config, base = adapted
-    peft_model = _peft_round_trip(model, base, tmp_path, ids())
+    peft_model = _peft_round_trip(model, config, base, tmp_path, ids())
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "SEQ_CLS"
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 32.0  # rank n*r, alpha*n keeps the scale alpha/r
@@ -232,10 +234,10 @@ def test_export_peft_bert_seq_cls_with_classifier(adapted, tmp_path):
 def test_export_peft_gpt2_conv1d(tmp_path):
     model = tiny_gpt2()
     base = copy.deepcopy(model)
-    inject_melora(model, MELoRAConfig(r=2, n=4, alpha=6.0, dropout=0.0, target_modules=["c_attn", "c_proj"]))
+    summary = inject_melora(model, MELoRAConfig(r=2, n=4, alpha=6.0, dropout=0.0, target_modules=["c_attn", "c_proj"]))
     randomize(model)
     assert any(m.d_in != m.d_out for m in melora_layers(model).values())  # c_attn: 32 -> 96
-    peft_model = _peft_round_trip(model.eval(), base, tmp_path, ids())
+    peft_model = _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True and cfg["task_type"] == "CAUSAL_LM"
     assert len(_peft_lora_layers(peft_model)) == 6
@@ -248,7 +250,7 @@ def test_export_peft_per_module_n_pattern(tmp_path):
                           n_pattern={"value": 2}, rank_pattern={"layer.1.attention.self.query": 1})
     inject_melora(model, config)
     randomize(model)
-    peft_model = _peft_round_trip(model.eval(), base, tmp_path, ids())
+    peft_model = _peft_round_trip(model.eval(), config, base, tmp_path, ids())
     want = {  # name: (PEFT rank n*r, scaling alpha/r)
         "bert.encoder.layer.0.attention.self.query": (8, 4.0),
         "bert.encoder.layer.1.attention.self.query": (4, 8.0),
@@ -276,20 +278,20 @@ def test_export_peft_roberta_nested_head(tmp_path):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=70, num_labels=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
     base = copy.deepcopy(model)
-    inject_melora(model, MELoRAConfig(r=1, n=8, alpha=4.0, dropout=0.0, target_modules="all-linear",
-                                      modules_to_save=["classifier"]))
+    summary = inject_melora(model, MELoRAConfig(r=1, n=8, alpha=4.0, dropout=0.0, target_modules="all-linear",
+                                                modules_to_save=["classifier"]))
     assert not any(n.startswith("classifier") for n in melora_layers(model))
     randomize(model, ["classifier"])
-    _peft_round_trip(model.eval(), base, tmp_path, ids())
+    _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
 
 
 def test_export_peft_llama_q_v(tmp_path):
     model = tiny_llama()
     base = copy.deepcopy(model)
-    inject_melora(model, MELoRAConfig(r=2, n=4, alpha=16.0, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    summary = inject_melora(model, MELoRAConfig(r=2, n=4, alpha=16.0, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     randomize(model)
     shapes = {(m.d_in, m.d_out) for m in melora_layers(model).values()}
     assert shapes == {(32, 32), (32, 16)}  # v_proj: 2 kv heads of 8
-    peft_model = _peft_round_trip(model.eval(), base, tmp_path, ids())
+    peft_model = _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
     layers = _peft_lora_layers(peft_model)
     assert set(layers) == {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}

@@ -12,6 +12,7 @@ from torch import nn
 from melora_lit import (
     MELoRAConfig,
     MELoRALinear,
+    adapter_params,
     adapter_state_dict,
     inject_melora,
     melora_layers,
@@ -138,8 +139,15 @@ def test_modules_to_save_trainable_and_in_adapter_state():
     cls_keys = {f"classifier.{k}" for k in model.classifier.state_dict()}
     assert cls_keys == {"classifier.weight", "classifier.bias"}
     assert all(p.requires_grad for p in model.classifier.parameters())
-    sd = adapter_state_dict(model)
+    sd = adapter_state_dict(model, summary.modules_to_save)
     assert cls_keys <= set(sd)
+    # the explicit contract: the summary holds the config, the model holds nothing but its layers
+    assert summary.config.modules_to_save == ["classifier"]
+    assert not [k for k in vars(model) if "melora" in k]
+    params = adapter_params(model, summary.modules_to_save)
+    assert set(params) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(params) == set(sd) and all(params[k] is dict(model.named_parameters())[k] for k in params)
+    assert sum(p.numel() for p in params.values()) == summary.trainable_params
     n_cls = sum(p.numel() for p in model.classifier.parameters())
     assert summary.trainable_params == summary.adapter_params + n_cls
     assert summary.total_params == sum(p.numel() for p in model.parameters())
@@ -258,7 +266,7 @@ def assert_unchanged(model, snap):
     assert {k: p.requires_grad for k, p in model.named_parameters()} == rg
     now = model.state_dict()
     assert set(now) == set(sd) and all(torch.equal(now[k], sd[k]) for k in sd)
-    assert not hasattr(model, "_melora_config")
+    assert not [k for k in vars(model) if "melora" in k]
 
 
 @pytest.mark.parametrize("kwargs, match", [

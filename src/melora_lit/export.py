@@ -143,9 +143,11 @@ def export_checkpoint(
     model = module.model
     written: dict[str, Path] = {}
     if "adapter" in targets:
-        written["adapter"] = save_adapter(model, targets["adapter"], base_model_name_or_path=source)
+        written["adapter"] = save_adapter(model, targets["adapter"], module.melora_config,
+                                          base_model_name_or_path=source)
     if "peft" in targets:
-        written["peft"] = export_peft_lora(model, targets["peft"], base_model_name_or_path=loadable)
+        written["peft"] = export_peft_lora(model, targets["peft"], module.melora_config,
+                                           base_model_name_or_path=loadable)
     if "merged" in targets:  # last: merging replaces the adapted layers
         merge_melora(model)
         target = targets["merged"]

@@ -2,7 +2,10 @@
 
 An adapter directory holds ``adapter_model.safetensors`` (adapter and ``modules_to_save``
 tensors) and ``adapter_config.json`` (the :class:`MELoRAConfig`, the base model, the
-package version). Like the core, this depends on torch and safetensors only.
+package version). A PEFT export holds PEFT's two files, with nothing in
+``adapter_config.json`` that PEFT does not know (so every PEFT version the project supports
+loads it), and ``melora_config.json``, the MELoRA config it was converted from. Like the
+core, this depends on torch and safetensors only.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layer import (
+from .inject import (
     MELoRAConfig,
-    _is_conv1d,
     adapter_state_dict,
+    fresh_heads,
     inject_melora,
     load_adapter_state_dict,
     melora_layers,
+    resolve_modules_to_save,
 )
+from .layer import _is_conv1d
 
 __all__ = ["save_adapter", "load_adapter", "load_adapter_config", "export_peft_lora"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+#: In a PEFT export: the MELoRA config it was converted from (PEFT ignores the file).
+PEFT_PROVENANCE = "melora_config.json"
 
 
 def _version() -> str:
@@ -42,11 +49,9 @@ def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def _model_config(model: nn.Module) -> MELoRAConfig:
-    config = getattr(model, "_melora_config", None)
-    if config is None or not melora_layers(model):
+def _require_layers(model: nn.Module) -> None:
+    if not melora_layers(model):
         raise ValueError("model has no MELoRA layers; call inject_melora() before saving or exporting an adapter")
-    return config
 
 
 def _base_name(model: nn.Module, given: str | None) -> str | None:
@@ -56,12 +61,16 @@ def _base_name(model: nn.Module, given: str | None) -> str | None:
     return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (safetensors weights + JSON config)."""
-    config = _model_config(model)
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: MELoRAConfig,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model``, injected with ``config`` (e.g.
+    :attr:`~melora_lit.adapter.inject.InjectionSummary.config`), to ``directory``: safetensors
+    weights and a JSON config."""
+    _require_layers(model)
+    saved = resolve_modules_to_save(model, config.modules_to_save)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous_cpu(adapter_state_dict(model)), str(out / ADAPTER_WEIGHTS),
+    save_file(_contiguous_cpu(adapter_state_dict(model, saved)), str(out / ADAPTER_WEIGHTS),
               metadata={"format": "pt", "melora_lit_version": _version()})
     meta = {
         "adapter_type": "MELORA",
@@ -89,13 +98,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config, _ = load_adapter_config(directory)
     if not melora_layers(model):
         inject_melora(model, config)
-    load_adapter_state_dict(model, load_file(str(Path(directory) / ADAPTER_WEIGHTS)))
+    saved = resolve_modules_to_save(model, config.modules_to_save)
+    load_adapter_state_dict(model, load_file(str(Path(directory) / ADAPTER_WEIGHTS)), saved)
     return model
-
-
-# heads that PEFT's task models put in modules_to_save on their own
-_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-                    "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -111,6 +116,7 @@ def _task_type(model: nn.Module) -> str | None:
 def export_peft_lora(
     model: nn.Module,
     directory: str | os.PathLike,
+    config: MELoRAConfig,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
@@ -119,9 +125,10 @@ def export_peft_lora(
     blockdiag(B_i A_i) = B' A' with A' = blockdiag(A_1..A_n) (n*r x d_in) and
     B' = blockdiag(B_1..B_n) (d_out x n*r), so each adapted layer becomes a rank-n*r LoRA.
     PEFT scales by lora_alpha / (n*r); ``lora_alpha = alpha * n`` keeps the scale alpha/r.
-    ``peft.PeftModel.from_pretrained`` (and any LoRA server) loads the result as is.
+    ``peft.PeftModel.from_pretrained`` (and any LoRA server) loads the result as is;
+    ``config`` (the one ``model`` was injected with) goes to ``melora_config.json`` beside it.
     """
-    config = _model_config(model)
+    _require_layers(model)
     layers = melora_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -133,10 +140,10 @@ def export_peft_lora(
         ranks[name] = layer.n * layer.r
         alphas[name] = layer.alpha * layer.n
     task = task_type or _task_type(model)
-    saved = list(getattr(model, "_melora_modules_to_save", []))
+    saved = resolve_modules_to_save(model, config.modules_to_save)
     # PEFT adds the task head to modules_to_save for these task types and then requires its
     # weights in the adapter file; export the (possibly frozen) head the model runs with.
-    for head in _PEFT_TASK_HEADS.get(task, ()):
+    for head in fresh_heads(task):
         for mname, _ in model.named_modules():
             if (mname == head or mname.endswith("." + head)) and not any(
                     mname == s or mname.startswith(s + ".") or s.startswith(mname + ".")
@@ -172,10 +179,11 @@ def export_peft_lora(
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
-        "melora": {"converted_from": config.to_dict(), "melora_lit_version": _version()},
     }
+    provenance = {"converted_from": config.to_dict(), "melora_lit_version": _version()}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous_cpu(tensors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    (out / PEFT_PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     return out

@@ -1,25 +1,43 @@
-"""MELoRA: mini-ensemble low-rank adapters (Ren et al., ACL 2024).
+r"""MELoRALinear: a frozen linear layer plus n mini LoRAs on a block diagonal
+(MELoRA, Ren et al., ACL 2024).
 
-A frozen linear map W (d_out x d_in) gets n mini LoRAs on equal, contiguous slices of its
-input and output features:
+A frozen weight W (d_out x d_in) gets n mini LoRAs, each on its own contiguous slice of the
+input and of the output features::
 
-    y = W x + (alpha / r) * blockdiag(B_1 A_1, ..., B_n A_n) x
+    y = W x + b + (alpha / r) * blockdiag(B_1 A_1, ..., B_n A_n) x
 
-A_i is (r x d_in/n), B_i is (d_out/n x r). The update has rank n*r for the parameters of a
-rank-r LoRA; n = 1 is plain LoRA.
+                 d_in/n     d_in/n           d_in/n
+              +----------+----------+-----+----------+
+      d_out/n |  B_1 A_1 |    0     | ... |    0     |      A_i: r x d_in/n   (lora_A[i])
+              +----------+----------+-----+----------+      B_i: d_out/n x r  (lora_B[i])
+      d_out/n |    0     |  B_2 A_2 | ... |    0     |
+              +----------+----------+-----+----------+      B_i starts at zero, so the
+              |   ...    |   ...    | ... |   ...    |      layer starts as W.
+              +----------+----------+-----+----------+
+      d_out/n |    0     |    0     | ... |  B_n A_n |
+              +----------+----------+-----+----------+
 
-This module is the whole adapter: the layer, the config, injection into a model, merging and
-the adapter state. It depends on torch only (no Lightning, no transformers import), so it can
-be read and reused on its own. In fp32 and bf16 on CPU the layer runs the fused C++ kernels
-of :mod:`melora_lit.adapter.cpu_kernels` when they can be built; everywhere else, and as their
-fallback, the plain-torch :class:`_MELoRAFunction` below, which computes the same function.
+The update has rank n*r for the parameters of one rank-r LoRA; n = 1 is plain LoRA. The same
+matrix is ``blockdiag(B_1..B_n) @ blockdiag(A_1..A_n)`` (:func:`block_diagonal` builds those),
+which is how :meth:`MELoRALinear.reference_forward` computes it and how a PEFT export
+(:func:`melora_lit.adapter.io.export_peft_lora`) stores it.
+
+Three implementations of the one function, chosen per forward by
+:meth:`MELoRALinear._choose_path`:
+
+* ``reference``: :meth:`MELoRALinear.reference_forward`, the formula as written, autograd for
+  the backward. For base layers the fast paths cannot hand to a GEMM.
+* ``fused_cpu``: :class:`_MELoRAFusedCPU`, the C++ kernels of
+  :mod:`melora_lit.adapter.cpu_kernels` (fp32 and bf16 on CPU, dropout inside).
+* ``torch``: :class:`_MELoRAFunction`, plain torch with a hand-written backward (everywhere
+  else, under ``torch.compile``, and where the kernels cannot be built).
+
+Torch only: no Lightning, no transformers import.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -28,20 +46,9 @@ from torch import nn
 
 from . import cpu_kernels
 
-__all__ = [
-    "MELoRAConfig",
-    "MELoRALinear",
-    "InjectionSummary",
-    "inject_melora",
-    "merge_melora",
-    "adapter_state_dict",
-    "load_adapter_state_dict",
-    "melora_layers",
-]
+__all__ = ["MELoRALinear", "block_diagonal"]
 
-# Output heads are never adapted by "all-linear": they are small, task-specific, and
-# belong in modules_to_save instead.
-_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls")
+Path = Literal["reference", "fused_cpu", "torch"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -63,7 +70,9 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor | None:
-    """The (d_out, d_in) weight of a plain Linear or Conv1D; None for anything else."""
+    """The (d_out, d_in) weight of a plain Linear or Conv1D, which the fast paths hand to a GEMM
+    as is; None for anything else (a subclass of nn.Linear, a base whose weight is not a plain
+    tensor, e.g. a quantized one), which then takes the reference path."""
     if type(module) is nn.Linear:
         return module.weight
     if _is_conv1d(module):
@@ -71,18 +80,34 @@ def _dense_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-# With the CPU kernels, folding the update into the weight (two weight-sized copies per
-# step) beats adding it to the activations (two activation-sized passes) from about this
-# many tokens per feature on; measured in docs/benchmarks.md.
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, p, q) -> the (n*p, n*q) block-diagonal matrix of its n blocks, without a loop.
+
+    Differentiable; the one builder of blockdiag(A_1..A_n), blockdiag(B_1..B_n) and of the
+    dense update.
+    """
+    n, p, q = blocks.shape
+    out = blocks.new_zeros(n, p, n, q)
+    out.diagonal(dim1=0, dim2=2).copy_(blocks.permute(1, 2, 0))
+    return out.view(n * p, n * q)
+
+
+# Folding the update into the weight, y = x (W + s B'A')^T + b and dx = g (W + s B'A'), instead
+# of adding it to the activations: building W + s B'A' (in the forward and again in the
+# backward, never saved) costs about four passes over a weight-sized matrix and saves two
+# passes over the (tokens x features) activations. Measured on CPU (docs/benchmarks.md,
+# `bench_layer.py --fold`) it wins from about this many tokens per feature on: at 4096 tokens
+# for d=768, not at d=4096.
 _FOLD_TOKENS_PER_FEATURE = 4
 
 
-def _block_diag(t: torch.Tensor) -> torch.Tensor:
-    """(n, p, q) -> the (n*p, n*q) block-diagonal matrix of its n blocks (no autograd)."""
-    n, p, q = t.shape
-    out = t.new_zeros(n, p, n, q)
-    out.diagonal(dim1=0, dim2=2).copy_(t.permute(1, 2, 0))
-    return out.view(n * p, n * q)
+def _should_fold(tokens: int, features: int, dtype: torch.dtype, dropout_active: bool) -> bool:
+    """Fold only where that is both cheaper and as exact as the unfolded sum: enough tokens
+    (above), fp32/fp64 (rounding W + dW to bf16/fp16 would add an error as large as the output's
+    own rounding and lose the update's low bits), and no dropout (the adapter then sees another
+    input than W does)."""
+    return (not dropout_active and dtype in (torch.float32, torch.float64)
+            and tokens >= _FOLD_TOKENS_PER_FEATURE * features)
 
 
 class _MELoRAFunction(torch.autograd.Function):
@@ -97,10 +122,8 @@ class _MELoRAFunction(torch.autograd.Function):
       columns. That is the shape BLAS runs fastest (2-3x faster on CPU than the (T, d) @
       (d, n*r) product with the zero-padded block-diagonal factor, which also does n times
       the FLOPs), and the factor gradients come out per block, in the parameters' shape.
-    * With ``fold`` (no dropout, fp32/fp64, tokens >= 4x features) the update is folded into
-      the weight for the two big GEMMs: y = x (W + s B'A')^T + b and dx = g (W + s B'A'), so
-      the adapter adds no pass over y or dx at all. W + s B'A' is a temporary the size of W,
-      built in forward and again in backward (never saved).
+    * With ``fold`` (see :func:`_should_fold`) the update is folded into the weight for the two
+      big GEMMs, so the adapter adds no pass over y or dx at all.
     * Otherwise the update is added to y in place, and its input gradient accumulated into
       dx in place.
 
@@ -117,11 +140,11 @@ class _MELoRAFunction(torch.autograd.Function):
         t = x.shape[0]
         ht = torch.bmm(lora_a, xd.reshape(t, n, k).permute(1, 2, 0))  # (n, r, T)
         if fold:
-            w = torch.addmm(weight, _block_diag(lora_b), _block_diag(lora_a), alpha=scaling)
+            w = torch.addmm(weight, block_diagonal(lora_b), block_diagonal(lora_a), alpha=scaling)
             y = F.linear(x, w, bias)
         else:
             y = F.linear(x, weight, bias)
-            y.addmm_(ht.view(n * r, t).t(), _block_diag(lora_b).t(), alpha=scaling)
+            y.addmm_(ht.view(n * r, t).t(), block_diagonal(lora_b).t(), alpha=scaling)
         ctx.fold = fold
         ctx.scaling = scaling
         ctx.save_for_backward(xd, weight, lora_a, lora_b, ht)
@@ -139,13 +162,13 @@ class _MELoRAFunction(torch.autograd.Function):
         gx = gxd = None
         if ctx.needs_input_grad[0]:
             if ctx.fold:
-                gx = g @ torch.addmm(weight, _block_diag(lora_b), _block_diag(lora_a), alpha=s)
+                gx = g @ torch.addmm(weight, block_diagonal(lora_b), block_diagonal(lora_a), alpha=s)
             else:
                 gx = g @ weight
                 if ctx.shared:
-                    gx.addmm_(ght.view(n * r, t).t(), _block_diag(lora_a), alpha=s)
+                    gx.addmm_(ght.view(n * r, t).t(), block_diagonal(lora_a), alpha=s)
         if not ctx.shared and ctx.needs_input_grad[1]:
-            gxd = (ght.view(n * r, t).t() @ _block_diag(lora_a)) * s
+            gxd = (ght.view(n * r, t).t() @ block_diagonal(lora_a)) * s
         ga = gb = None
         if ctx.needs_input_grad[4]:
             ga = torch.bmm(ght, xd.reshape(t, n, k).transpose(0, 1)) * s  # (n, r, k)
@@ -245,64 +268,71 @@ class MELoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def dense_A(self) -> torch.Tensor:
-        """blockdiag(A_1..A_n) of shape (n*r, d_in), differentiable, built without a loop."""
-        n, r, k = self.lora_A.shape
-        eye = torch.eye(n, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        return torch.einsum("nrk,nm->nrmk", self.lora_A, eye).reshape(n * r, n * k)
+        """blockdiag(A_1..A_n) of shape (n*r, d_in), differentiable."""
+        return block_diagonal(self.lora_A)
 
     def dense_B(self) -> torch.Tensor:
-        """blockdiag(B_1..B_n) of shape (d_out, n*r)."""
-        n, o, r = self.lora_B.shape
-        eye = torch.eye(n, device=self.lora_B.device, dtype=self.lora_B.dtype)
-        return torch.einsum("nor,nm->nomr", self.lora_B, eye).reshape(n * o, n * r)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
-        weight = _dense_weight(self.base)
-        if weight is None:  # an exotic base layer: stay generic, let autograd do the rest
-            y = self.base(x)
-            h = self.dropout(x).reshape(-1, self.d_in) @ self.dense_A().to(x.dtype).t()
-            delta = (h @ self.dense_B().to(h.dtype).t()).view(*y.shape[:-1], self.d_out)
-            return y + self.scaling * delta.to(y.dtype)
-        # Run in the dtype the base runs in: under autocast that is the autocast dtype,
-        # so cast once here and keep autocast out of the fused kernel.
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        with torch.autocast(dev, enabled=False):
-            w = weight.to(dtype)
-            b = self.base.bias.to(dtype) if self.base.bias is not None else None
-            x2 = x.to(dtype).reshape(-1, self.d_in)
-            tokens, features = x2.shape[0], max(self.d_in, self.d_out)
-            if (dev == "cpu" and dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-                    and cpu_kernels.available()):
-                drop = self.dropout
-                p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-                # bf16 never folds: W + dW rounded to bf16 would lose the update's low bits
-                fold = p == 0 and dtype == torch.float32 and tokens >= _FOLD_TOKENS_PER_FEATURE * features
-                # the kernels take fp32 factors and compute in fp32 whatever the activations' dtype
-                y = _MELoRAFusedCPU.apply(x2.contiguous(), w, b, self.lora_A.float(), self.lora_B.float(),
-                                          self.scaling, p, fold)
-                return y.view(*x.shape[:-1], self.d_out)
-            xd = self.dropout(x2)
-            xd2 = None if xd is x2 else xd
-            # Fold the update into the weight only where that is both cheaper and as exact
-            # as the unfolded sum. Cheaper: building W + s B'A' twice costs about as much as
-            # four passes over a weight-sized matrix, the fold saves two passes over the
-            # (tokens x features) activations; measured on CPU it wins at 4096 tokens for
-            # d=768 and loses at d=4096, hence tokens >= 4 * features. Exact: fp32/fp64 only;
-            # in bf16/fp16, rounding W + dW to 16 bits would add an error as large as the
-            # output's own rounding, so low precision keeps the unfolded sum.
-            fold = xd2 is None and dtype in (torch.float32, torch.float64) and tokens >= 4 * features
-            y = _MELoRAFunction.apply(x2, xd2, w, b, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, fold)
-        return y.view(*x.shape[:-1], self.d_out)
+        """blockdiag(B_1..B_n) of shape (d_out, n*r), differentiable."""
+        return block_diagonal(self.lora_B)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """The dense update (alpha/r)·blockdiag(B_i A_i), shape (d_out, d_in), in fp32."""
-        blocks = torch.bmm(self.lora_B.float(), self.lora_A.float())  # (n, d_out/n, d_in/n)
-        return torch.block_diag(*blocks) * self.scaling
+        return block_diagonal(torch.bmm(self.lora_B.float(), self.lora_A.float())) * self.scaling
 
+    # ------------------------------------------------------------------------- forward
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The formula as written: base(x) + (alpha/r) · dropout(x) A'^T B'^T, with A' and B' the
+        block-diagonal factors; autograd does the backward. The fast paths compute the same."""
+        y = self.base(x)
+        h = self.dropout(x).reshape(-1, self.d_in) @ self.dense_A().to(x.dtype).t()
+        delta = (h @ self.dense_B().to(h.dtype).t()).view(*y.shape[:-1], self.d_out)
+        return y + self.scaling * delta.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        # Run in the dtype the base runs in: under autocast that is the autocast dtype, so the
+        # fast paths cast once here and keep autocast out of their Functions.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        path = self._choose_path(dev, dtype)
+        if path == "reference":
+            return self.reference_forward(x)
+        with torch.autocast(dev, enabled=False):
+            y = self._fast_forward(x.to(dtype).reshape(-1, self.d_in), dtype, fused=path == "fused_cpu")
+        return y.view(*x.shape[:-1], self.d_out)
+
+    def _choose_path(self, device_type: str, dtype: torch.dtype) -> Path:
+        """Which implementation runs this forward (see the module docstring)."""
+        if _dense_weight(self.base) is None:  # e.g. a quantized base: see _dense_weight
+            return "reference"
+        # The kernels are an opaque op to torch.compile, which traces the torch path instead;
+        # available() comes last: it builds the kernels on its first call.
+        if (device_type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and not torch.compiler.is_compiling() and cpu_kernels.available()):
+            return "fused_cpu"
+        return "torch"
+
+    def _fast_forward(self, x2: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+        """The fused CPU or torch path on x flattened to (tokens, d_in) in the compute dtype."""
+        w = _dense_weight(self.base).to(dtype)
+        b = self.base.bias.to(dtype) if self.base.bias is not None else None
+        tokens, features = x2.shape[0], max(self.d_in, self.d_out)
+        if fused:
+            drop = self.dropout
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            fold = _should_fold(tokens, features, dtype, dropout_active=p > 0)
+            # the kernels take fp32 factors and compute in fp32 whatever the activations' dtype
+            return _MELoRAFusedCPU.apply(x2.contiguous(), w, b, self.lora_A.float(), self.lora_B.float(),
+                                         self.scaling, p, fold)
+        xd = self.dropout(x2)
+        xd2 = None if xd is x2 else xd
+        fold = _should_fold(tokens, features, dtype, dropout_active=xd2 is not None)
+        return _MELoRAFunction.apply(x2, xd2, w, b, self.lora_A.to(dtype), self.lora_B.to(dtype),
+                                     self.scaling, fold)
+
+    # ------------------------------------------------------------------------- merge
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (in fp32, cast once)."""
@@ -327,50 +357,6 @@ class MELoRALinear(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, "
             f"alpha={self.alpha:g}, rank={self.n * self.r}, merged={self.merged}"
         )
-
-
-@dataclass
-class MELoRAConfig:
-    """Which modules get MELoRA adapters, and their shape.
-
-    Args:
-        r: rank of each mini LoRA (the paper's per-mini rank).
-        n: number of mini LoRAs per adapted layer; the update has rank ``n * r``.
-        alpha: scaling numerator; the update is scaled by ``alpha / r``.
-        dropout: dropout on the adapter input, in [0, 1).
-        target_modules: modules to adapt. Each entry matches a module's last name component
-            (``query``), a dotted suffix or full path (``encoder.layer.0.attention.self.query``)
-            or is a regular expression matched against the full path. ``"all-linear"`` adapts
-            every linear layer except the output head.
-        exclude_modules: modules never adapted, matched the same way.
-        modules_to_save: modules trained in full and saved with the adapter (e.g. the
-            classification head ``classifier``).
-        init: initialisation of A: ``"kaiming"`` (paper's code) or ``"gaussian"``.
-        rank_pattern: per-module override of ``r``, ``{pattern: r}``; first match wins.
-        n_pattern: per-module override of ``n``, ``{pattern: n}``; first match wins.
-    """
-
-    r: int = 8
-    n: int = 2
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["query", "value"])
-    exclude_modules: list[str] = field(default_factory=list)
-    modules_to_save: list[str] = field(default_factory=list)
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    n_pattern: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check_hparams("config", self.r, self.n, self.alpha, self.dropout)
-        for pat, v in {**self.rank_pattern, **self.n_pattern}.items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"pattern {pat!r} sets {v!r}; overrides of r and n must be integers >= 1")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init={self.init!r} is not valid; use 'kaiming' or 'gaussian'")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check_hparams(where: str, r: int, n: int, alpha: float, dropout: float) -> None:
@@ -400,203 +386,3 @@ def _check_shape(name: str, d_in: int, d_out: int, r: int, n: int) -> None:
             f"{name}: n*r={n}*{r}={n * r} exceeds min(d_in, d_out)={min(d_in, d_out)}; "
             f"use r <= {min(d_in, d_out) // n} for n={n}"
         )
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def _first_match(name: str, patterns: dict[str, int], default: int) -> int:
-    for pat, value in patterns.items():
-        if _matches(name, pat):
-            return value
-    return default
-
-
-def _head_names(model: nn.Module) -> set[str]:
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if module is out or name.split(".")[0] in _HEAD_NAMES:
-            heads.add(name)
-    return heads
-
-
-def melora_layers(model: nn.Module) -> dict[str, MELoRALinear]:
-    """All MELoRA layers of a model, by module path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MELoRALinear)}
-
-
-@dataclass
-class InjectionSummary:
-    """What :func:`inject_melora` did: modules wrapped (with d_in, d_out, n, r and the
-    equivalent rank n*r), adapter, saved-module, trainable and total parameter counts."""
-
-    modules: dict[str, dict[str, int]]
-    modules_to_save: list[str]
-    adapter_params: int
-    trainable_params: int
-    total_params: int
-
-    def __str__(self) -> str:
-        lines = [f"{'module':<60} {'d_in':>6} {'d_out':>6} {'n':>4} {'r':>4} {'rank':>5}"]
-        for name, s in self.modules.items():
-            lines.append(f"{name:<60} {s['d_in']:>6} {s['d_out']:>6} {s['n']:>4} {s['r']:>4} {s['rank']:>5}")
-        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        lines.append(
-            f"MELoRA: {len(self.modules)} modules, {self.adapter_params:,} adapter params; "
-            f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
-        )
-        return "\n".join(lines)
-
-
-def inject_melora(model: nn.Module, config: MELoRAConfig) -> InjectionSummary:
-    """Wrap the modules selected by ``config`` in :class:`MELoRALinear`, in place.
-
-    Every other parameter is frozen, except those of ``config.modules_to_save``.
-    Raises ``ValueError`` with a one-line message on any invalid setting.
-    """
-    existing = melora_layers(model)
-    if existing:
-        raise ValueError(
-            f"model already has {len(existing)} MELoRA layers (e.g. {next(iter(existing))}); "
-            "merge_melora() it or start from a fresh model before injecting again"
-        )
-    heads = _head_names(model)
-    all_linear = config.target_modules == "all-linear"
-    targets = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
-    save_names = [
-        name for name, _ in model.named_modules()
-        if name and any(_matches(name, p) for p in config.modules_to_save)
-    ]
-    missing_save = [p for p in config.modules_to_save if not any(_matches(n, p) for n in save_names)]
-    if missing_save:
-        raise ValueError(f"modules_to_save {missing_save} matched no module; some that exist: {_some_names(model)}")
-    # keep only outermost saved modules, so a parameter is saved once
-    save_names = [n for n in save_names if not any(n.startswith(s + ".") for s in save_names)]
-
-    def in_saved(name: str) -> bool:
-        return any(name == s or name.startswith(s + ".") for s in save_names)
-
-    chosen = []
-    for name, module in model.named_modules():
-        if not name or not _is_linear(module) or in_saved(name):
-            continue
-        if any(_matches(name, p) for p in config.exclude_modules):
-            continue
-        if all_linear:
-            if name in heads or any(name.startswith(h + ".") for h in heads):
-                continue
-        elif not any(_matches(name, p) for p in targets):
-            continue
-        chosen.append(name)
-    if not chosen:
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no linear layer; "
-            f"some linear layers that exist: {_some_names(model, linear_only=True)}"
-        )
-
-    # validate everything before changing anything, so a bad setting leaves the model intact
-    plan = {}
-    for name in chosen:
-        module = model.get_submodule(name)
-        d_in, d_out = _features(module)
-        r = _first_match(name, config.rank_pattern, config.r)
-        n = _first_match(name, config.n_pattern, config.n)
-        _check_shape(name, d_in, d_out, r, n)
-        plan[name] = (r, n)
-
-    model.requires_grad_(False)
-    modules = {}
-    for name, (r, n) in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MELoRALinear(getattr(parent, child), r=r, n=n, alpha=config.alpha,
-                             dropout=config.dropout, init=config.init)
-        layer.train(layer.base.training)  # a new module defaults to training mode
-        setattr(parent, child, layer)
-        modules[name] = {"d_in": layer.d_in, "d_out": layer.d_out, "n": n, "r": r, "rank": n * r}
-    for name in save_names:
-        model.get_submodule(name).requires_grad_(True)
-    model._melora_config = config  # type: ignore[attr-defined]
-    model._melora_modules_to_save = save_names  # type: ignore[attr-defined]
-
-    adapter = sum(p.numel() for m in melora_layers(model).values() for p in (m.lora_A, m.lora_B))
-    return InjectionSummary(
-        modules=modules,
-        modules_to_save=save_names,
-        adapter_params=adapter,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in model.parameters()),
-    )
-
-
-def _some_names(model: nn.Module, linear_only: bool = False, k: int = 8) -> str:
-    names = [n for n, m in model.named_modules() if n and (not linear_only or _is_linear(m))]
-    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
-    return ", ".join(leaves[:k]) + (", ..." if len(leaves) > k else "")
-
-
-def merge_melora(model: nn.Module) -> nn.Module:
-    """Replace every MELoRA layer by its base layer holding the merged weight, in place.
-
-    The result is a plain model of the original classes: it runs and saves (e.g. with
-    ``save_pretrained``) without melora_lit.
-    """
-    for name, layer in melora_layers(model).items():
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)
-    for attr in ("_melora_config", "_melora_modules_to_save"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    return model
-
-
-def _adapter_keys(model: nn.Module) -> list[str]:
-    saved = getattr(model, "_melora_modules_to_save", [])
-    keys = []
-    for key in model.state_dict():
-        module, _, leaf = key.rpartition(".")
-        if leaf in ("lora_A", "lora_B") and isinstance(model.get_submodule(module), MELoRALinear):
-            keys.append(key)
-        elif any(key.startswith(s + ".") for s in saved):
-            keys.append(key)
-    return keys
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights and the ``modules_to_save`` tensors, keyed as in the model."""
-    full = model.state_dict()
-    return {k: full[k] for k in _adapter_keys(model)}
-
-
-def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load adapter (and saved-module) tensors into a model that has MELoRA injected.
-
-    Raises ``ValueError`` naming the first missing or unexpected key or shape mismatch.
-    """
-    expected = adapter_state_dict(model)
-    if not expected:
-        raise ValueError("model has no MELoRA layers; inject_melora() it with the adapter's config first")
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing:
-        raise ValueError(f"adapter state is missing key {missing[0]!r} ({len(missing)} missing in all); "
-                         "it was saved from a different model or MELoRA config")
-    if unexpected:
-        raise ValueError(f"adapter state has unexpected key {unexpected[0]!r} ({len(unexpected)} in all); "
-                         "it was saved from a different model or MELoRA config")
-    for k, t in expected.items():
-        if tuple(state_dict[k].shape) != tuple(t.shape):
-            raise ValueError(f"adapter key {k!r}: expected shape {tuple(t.shape)}, found {tuple(state_dict[k].shape)}")
-    with torch.no_grad():
-        for k, t in expected.items():
-            t.copy_(state_dict[k])

@@ -13,11 +13,10 @@ from torch import nn
 
 from .. import __version__
 from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
+from ..adapter.inject import fresh_heads
 from .metrics import classification_metrics, language_modeling_metrics
 from ..sources import resolve_pretrained
 
-# Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
-_CLASSIFIER_HEADS = ("classifier", "score")
 TASKS = ("sequence-classification", "causal-lm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -195,11 +194,11 @@ class MELoRAModule(L.LightningModule):
         model.train(self.training)
         config = self.melora_config
         if not config.modules_to_save and hp.task == "sequence-classification":
-            heads = [h for h in _CLASSIFIER_HEADS if hasattr(model, h)]
+            heads = [h for h in fresh_heads("SEQ_CLS") if hasattr(model, h)]
             config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": heads})
         self.summary = inject_melora(model, config)
         if hp.get("backbone_dtype") not in (None, "float32"):
-            _trainable_to_float32(model)
+            _trainable_to_float32(model, self.summary.modules_to_save)
         self.melora_config = config
         self._scale_out(model)
         self.model = model
@@ -366,7 +365,8 @@ class MELoRAModule(L.LightningModule):
         """Gradient checkpointing, and FSDP2 sharding under a ModelParallelStrategy (see
         :mod:`melora_lit.training.strategies`). Records the checkpoint's keys and shapes first: sharding
         splits the tensors (FSDP2) or renames the modules (FSDP1)."""
-        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        adapter = adapter_state_dict(model, self.summary.modules_to_save)
+        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter.items()}
         if self.hparams.get("gradient_checkpointing"):
             from .strategies import enable_gradient_checkpointing
 
@@ -401,7 +401,7 @@ class MELoRAModule(L.LightningModule):
             state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
             try:
                 # validates keys and shapes with a message that names the mismatch
-                load_adapter_state_dict(self.model, state)
+                load_adapter_state_dict(self.model, state, self.summary.modules_to_save)
             except ValueError as err:
                 raise ValueError(f"checkpoint does not fit this model: {err}") from None
         meta = checkpoint.get("melora", {})
@@ -409,14 +409,14 @@ class MELoRAModule(L.LightningModule):
             self.label_names = list(meta["label_names"])
 
 
-def _trainable_to_float32(model: nn.Module) -> None:
+def _trainable_to_float32(model: nn.Module, modules_to_save: list[str]) -> None:
     """Keep the trained parameters in float32 under a low-precision backbone (the layer casts
     them to its compute dtype on the fly; merging adds the update in float32)."""
     with torch.no_grad():
         for layer in melora_layers(model).values():
             layer.lora_A.data = layer.lora_A.data.float()
             layer.lora_B.data = layer.lora_B.data.float()
-        for name in getattr(model, "_melora_modules_to_save", []):
+        for name in modules_to_save:
             saved = model.get_submodule(name).float()
             # the backbone hands it low-precision activations: compute in float32, hand back
             # the backbone's dtype (a classifier head's logits included)

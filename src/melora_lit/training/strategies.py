@@ -23,7 +23,7 @@ transformers never splits across devices): :func:`transformer_layer_classes`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -442,9 +442,3 @@ class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
 
     def _full_checkpoint(self) -> bool:
         return self._state_dict_type == "full"
-
-
-def layer_names(module: nn.Module, classes: Iterable[type[nn.Module]]) -> list[str]:
-    """Paths of the modules of ``classes`` in ``module`` (for messages and tests)."""
-    classes = tuple(classes)
-    return [n for n, m in module.named_modules() if isinstance(m, classes)]
