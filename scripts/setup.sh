@@ -35,3 +35,15 @@ case ",$extras," in
     fi
     ;;
 esac
+# The oldest PEFT the test extra allows, in a folder of its own (not on sys.path): the PEFT
+# export test loads the export with it in a subprocess, as well as with the newest.
+case ",$extras," in
+  *,test,*)
+    peft_oldest="0.13.0"
+    peft_dir="$(python -c 'import sys; print(sys.prefix)')/peft-$peft_oldest"
+    if [ ! -d "$peft_dir/peft" ]; then
+      echo "setup: installing peft==$peft_oldest into $peft_dir (--no-deps)"
+      pip install "${pip_quiet[@]}" --no-deps --target "$peft_dir" "peft==$peft_oldest"
+    fi
+    ;;
+esac

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +300,96 @@ def test_export_peft_llama_q_v(tmp_path):
     peft_model = _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
     layers = _peft_lora_layers(peft_model)
     assert set(layers) == {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
+
+
+# --------------------------------------------------------------------------- every supported PEFT version
+
+ROOT = Path(__file__).resolve().parents[1]
+# the oldest PEFT the project declares (the test extra's lower bound), installed by
+# `scripts/setup.sh test` into its own folder beside the venv's packages
+OLDEST_PEFT = re.search(r'"peft>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+OLDEST_PEFT = OLDEST_PEFT + ".0" * (2 - OLDEST_PEFT.count("."))
+OLDEST_PEFT_DIR = Path(os.environ.get("MELORA_LIT_OLDEST_PEFT_DIR", Path(sys.prefix) / f"peft-{OLDEST_PEFT}"))
+
+# Loads each export into a fresh base built by the same builder, in a process whose `peft` is
+# the one on its PYTHONPATH; prints the version, the largest output difference and the warnings.
+_LOAD_IN_PEFT = """
+import json, sys, warnings
+import peft, torch
+from peft import PeftModel
+import support
+
+out = {"version": peft.__version__, "file": peft.__file__, "diff": {}, "effect": {}, "warnings": []}
+for builder, folder, inputs, want in json.loads(sys.argv[1]):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(getattr(support, builder)(), folder).eval()
+    out["warnings"] += [str(w.message) for w in caught if "peft" in w.filename]
+    with torch.no_grad():
+        got = model(input_ids=torch.load(inputs)).logits
+        with model.disable_adapter():
+            plain = model(input_ids=torch.load(inputs)).logits
+    out["diff"][builder] = float((got - torch.load(want)).abs().max())
+    out["effect"][builder] = float((plain - torch.load(want)).abs().max())
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def peft_exports(tmp_path_factory) -> list[list[str]]:
+    """PEFT exports of a BERT classifier (per-module n and r: rank and alpha patterns), a GPT-2
+    (Conv1D) and a Llama, with the adapted models' logits."""
+    root = tmp_path_factory.mktemp("peft-exports")
+    specs = {
+        "tiny_bert": MELoRAConfig(r=2, n=4, alpha=8.0, dropout=0.1, target_modules=["query", "value"],
+                                  modules_to_save=["classifier"], n_pattern={"value": 2},
+                                  rank_pattern={r"layer\.1\.attention\.self\.query": 1}),
+        "tiny_gpt2": MELoRAConfig(r=2, n=4, alpha=6.0, dropout=0.0, target_modules=["c_attn", "c_proj"]),
+        "tiny_llama": MELoRAConfig(r=2, n=4, alpha=16.0, dropout=0.0, target_modules="all-linear"),
+    }
+    jobs = []
+    for builder, config in specs.items():
+        model = globals()[builder]()
+        inject_melora(model, config)
+        randomize(model, config.modules_to_save)
+        x = ids()
+        torch.save(x, root / f"{builder}-ids.pt")
+        torch.save(logits(model.eval(), x), root / f"{builder}-want.pt")
+        export_peft_lora(model, root / builder, config)
+        jobs.append([builder, str(root / builder), str(root / f"{builder}-ids.pt"), str(root / f"{builder}-want.pt")])
+    return jobs
+
+
+def test_peft_export_holds_only_peft_keys_and_the_provenance_beside(peft_exports):
+    from peft import LoraConfig
+
+    folder = Path(peft_exports[0][1])
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert "melora" not in cfg and set(cfg) <= set(LoraConfig.__dataclass_fields__)
+    provenance = json.loads((folder / "melora_config.json").read_text())
+    assert MELoRAConfig(**provenance["converted_from"]).n_pattern == {"value": 2}
+    assert provenance["melora_lit_version"] == melora_lit.__version__
+
+
+@pytest.mark.parametrize("which", ["newest", "oldest"])
+def test_peft_export_loads_in_the_oldest_and_newest_peft(peft_exports, which):
+    """The export gives the adapted model's outputs in every PEFT version the project declares,
+    without a warning about unknown config keys."""
+    import peft
+
+    path = [str(ROOT / "src"), str(ROOT / "tests")]
+    if which == "oldest":
+        if not (OLDEST_PEFT_DIR / "peft").is_dir():
+            pytest.skip(f"peft=={OLDEST_PEFT} not installed in {OLDEST_PEFT_DIR} (scripts/setup.sh test installs it)")
+        path.insert(0, str(OLDEST_PEFT_DIR))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_PEFT, json.dumps(peft_exports)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["version"] == (OLDEST_PEFT if which == "oldest" else peft.__version__), out
+    print(f"peft {out['version']}: max abs difference of logits {out['diff']}")
+    assert set(out["diff"]) == {"tiny_bert", "tiny_gpt2", "tiny_llama"}
+    assert all(d < 1e-5 for d in out["diff"].values()), out["diff"]
+    assert all(e > 1e-3 for e in out["effect"].values()), out["effect"]  # the comparison is not vacuous
+    assert not [w for w in out["warnings"] if "keyword" in w or "version" in w], out["warnings"]

@@ -113,6 +113,18 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _pattern_key(name: str, adapted: dict) -> str:
+    """A PEFT rank_pattern/alpha_pattern key that selects ``name`` alone among the adapted
+    modules in every PEFT version: up to 0.13 a key only matches after a dot
+    (``.*\.{key}$``), later versions also match the whole path (``(.*\.)?({key})$``). So the
+    path without its first component, where that is unique (else the full path, which only
+    the later versions match)."""
+    _, _, tail = name.partition(".")
+    if tail and sum(n == tail or n.endswith("." + tail) for n in adapted) == 1:
+        return re.escape(tail)
+    return re.escape(name)
+
+
 def export_peft_lora(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -155,8 +167,7 @@ def export_peft_lora(
             if key.startswith(prefix + "."):
                 tensors[f"base_model.model.{key}"] = value
 
-    # The most common rank and alpha are the defaults; the rest go to PEFT's patterns,
-    # keyed by the full module path (PEFT matches a pattern as a regex on a path suffix).
+    # The most common rank and alpha are the defaults; the rest go to PEFT's patterns.
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     conv1d = {_is_conv1d(layer.base) for layer in layers.values()}
@@ -171,8 +182,8 @@ def export_peft_lora(
         "lora_dropout": config.dropout,
         "target_modules": sorted(layers),
         "modules_to_save": saved or None,
-        "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r0},
-        "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != a0},
+        "rank_pattern": {_pattern_key(k, layers): v for k, v in ranks.items() if v != r0},
+        "alpha_pattern": {_pattern_key(k, layers): v for k, v in alphas.items() if v != a0},
         "fan_in_fan_out": conv1d.pop(),
         "bias": "none",
         "init_lora_weights": True,
