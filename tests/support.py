@@ -106,26 +106,46 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def write_config(path: Path, model: str, train_csv: Path, root: Path, *, trainer: dict | None = None,
-                 model_args: dict | None = None, extra: dict | None = None) -> Path:
-    """64 rows = 48 train (6 steps of 8 per epoch) + 16 validation; adapter dropout 0.1."""
+# What every test run's trainer shares: CPU, one device, quiet, a log line per step, no sanity
+# validation (it would draw from the global RNG and cost time).
+QUIET_CPU_TRAINER = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "log_every_n_steps": 1,
+                     "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def write_run_config(path: Path, root: Path, model: dict, data: dict, *, seed: int = 7, trainer: dict | None = None,
+                     extra: dict | None = None) -> Path:
+    """A ``melora-lit`` YAML config: ``model`` and ``data`` as given, runs under ``root``, the
+    :data:`QUIET_CPU_TRAINER` updated with ``trainer``, and top-level ``extra`` sections."""
     cfg = {
-        "seed_everything": 7,
-        "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "max_epochs": 2,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0, **(trainer or {})},
-        "model": {"model_name_or_path": model, "learning_rate": 1e-2, "head_learning_rate": 1e-2,
-                  "warmup_ratio": 0.1, "weight_decay": 0.01,
-                  "melora": {"r": 2, "n": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "value"]},
-                  **(model_args or {})},
-        "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
-                 "init_args": {"train_file": str(train_csv), "text_columns": ["review"],
-                               "label_column": "sentiment", "val_fraction": 0.25, "batch_size": 8,
-                               "max_length": 32}},
+        "seed_everything": seed,
+        "trainer": {"default_root_dir": str(root), **QUIET_CPU_TRAINER, **(trainer or {})},
+        "model": model,
+        "data": data,
         **(extra or {}),
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def csv_classification_data(train_csv: Path, **init_args) -> dict:
+    """The ``data`` section for a CSV of :func:`sentiment_rows` (columns review, sentiment)."""
+    return {"class_path": "melora_lit.data.TextClassificationDataModule",
+            "init_args": {"train_file": str(train_csv), "text_columns": ["review"], "label_column": "sentiment",
+                          **init_args}}
+
+
+def write_config(path: Path, model: str, train_csv: Path, root: Path, *, trainer: dict | None = None,
+                 model_args: dict | None = None, extra: dict | None = None) -> Path:
+    """64 rows = 48 train (6 steps of 8 per epoch) + 16 validation; adapter dropout 0.1."""
+    return write_run_config(
+        path, root,
+        model={"model_name_or_path": model, "learning_rate": 1e-2, "head_learning_rate": 1e-2,
+               "warmup_ratio": 0.1, "weight_decay": 0.01,
+               "melora": {"r": 2, "n": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "value"]},
+               **(model_args or {})},
+        data=csv_classification_data(train_csv, val_fraction=0.25, batch_size=8, max_length=32),
+        trainer={"max_epochs": 2, **(trainer or {})}, extra=extra,
+    )
 
 
 def melora_cmd(*args: str) -> list[str]:

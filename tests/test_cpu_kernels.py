@@ -7,7 +7,6 @@ test_melora_layer.py, which runs once with the kernels and once on the plain-tor
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -175,19 +174,33 @@ def test_bad_setting_is_one_clear_error(monkeypatch):
         cpu_kernels.kernels_setting()
 
 
-def test_torch_compile_uses_the_torch_path():
-    """Under torch.compile the layer traces the plain-torch path (one graph, no opaque op)."""
+@pytest.mark.parametrize("tokens", [6, 160], ids=["added", "folded"])  # 160 >= 4 * 32: folded
+def test_torch_compile_uses_the_torch_path(tokens):
+    """Under torch.compile the layer traces the plain-torch path (one graph, no opaque op), and
+    computes the MELoRA function: outputs and factor gradients of a trained layer (B != 0) match
+    the float64 block-diagonal reference."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    layer = MELoRALinear(nn.Linear(32, 32), r=1, n=4)
-    eager = copy.deepcopy(layer)
+    layer = _layer(32, 32, 4, 1, std=0.5)
     counter = CompileCounter()
     compiled = torch.compile(layer, backend=counter, fullgraph=True)
-    x = torch.randn(6, 32)
-    assert torch.allclose(compiled(x), eager(x), atol=1e-6)
+    x = torch.randn(tokens, 32)
+    y = compiled(x)
+    g = torch.randn_like(y)
+    y.backward(g)
     assert counter.frame_count == 1
+
+    w, b = layer.base.weight.detach().double(), layer.base.bias.detach().double()
+    ar = layer.lora_A.detach().double().requires_grad_()
+    br = layer.lora_B.detach().double().requires_grad_()
+    base = x.double() @ w.t() + b
+    ref = base + x.double() @ dense_delta(ar, br, layer.scaling).t()
+    ref.backward(g.double())
+    assert (ref - base).abs().max() > 0.1  # the adapter changes the output: the comparison is not vacuous
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.grad.double(), ar.grad, rtol=0, atol=1e-4 * ar.grad.abs().max().item())
+    torch.testing.assert_close(layer.lora_B.grad.double(), br.grad, rtol=0, atol=1e-4 * br.grad.abs().max().item())
 
 
 def test_cli_rejects_a_bad_setting_in_one_line(tmp_path):

@@ -30,42 +30,28 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 TOL = 1e-5
 
-from support import save_tiny_bert, sentiment_rows, write_csv
+from support import csv_classification_data, sentiment_rows, write_csv, write_run_config
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    """4-layer BERT, hidden 64, no dropout anywhere, with the real MiniLM tokenizer."""
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodropout"), dropout=False)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distributed")
 
 
-def write_config(path: Path, model: str, train_csv: Path, root: Path, **trainer) -> Path:
+def distributed_config(path: Path, model: str, train_csv: Path, root: Path, **trainer) -> Path:
     """A task config; 40 rows = 32 train + 8 validation; one step per epoch at batch 32."""
-    cfg = {
-        "seed_everything": 42,
-        "trainer": {"default_root_dir": str(root), "accelerator": "cpu", "devices": 1, "max_epochs": 4,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0,
-                    # small enough to clip every step: the global gradient norm must be the same
-                    # with gradients averaged (DDP) or sharded (FSDP2) as on one process
-                    "gradient_clip_val": 0.05, **trainer},
-        "model": {"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
-                  "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
-                                                  "target_modules": ["query", "value"]}},
-        "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
-                 "init_args": {"train_file": str(train_csv), "text_columns": ["review"],
-                               "label_column": "sentiment", "val_fraction": 0.2, "batch_size": 32,
-                               "max_length": 32}},
-        "checkpoint": {"save_top_k": -1},  # every epoch's checkpoint (epoch=E-step=S.ckpt) + last.ckpt
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        path, root, seed=42,
+        model={"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
+               "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
+                                               "target_modules": ["query", "value"]}},
+        data=csv_classification_data(train_csv, val_fraction=0.2, batch_size=32, max_length=32),
+        # small enough to clip every step: the global gradient norm must be the same with
+        # gradients averaged (DDP) or sharded (FSDP2) as on one process
+        trainer={"max_epochs": 4, "gradient_clip_val": 0.05, **trainer},
+        extra={"checkpoint": {"save_top_k": -1}},  # every epoch's checkpoint (epoch=E-step=S.ckpt) + last.ckpt
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +60,14 @@ def train_csv(workdir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(workdir, tiny_bert, train_csv) -> dict:
+def single(workdir, saved_bert_no_dropout, train_csv) -> dict:
     """The reference: one process, batch 32, 4 steps (in-process, like tests/test_training.py)."""
     root = workdir / "single"
-    cfg = write_config(workdir / "single.yaml", tiny_bert, train_csv, root)
+    cfg = distributed_config(workdir / "single.yaml", saved_bert_no_dropout, train_csv, root)
     cli = cli_main(["fit", "--config", str(cfg)])
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
     return {"config": cfg, "root": root, "step2": ckpts / "epoch=1-step=2.ckpt", "last": ckpts / "last.ckpt",
-            "val_loss": float(cli.trainer.callback_metrics["val/loss"]), "model": tiny_bert, "csv": train_csv}
+            "val_loss": float(cli.trainer.callback_metrics["val/loss"]), "model": saved_bert_no_dropout, "csv": train_csv}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -102,7 +88,7 @@ def env(**extra: str) -> dict:
     return e
 
 
-def run_cli(*args: str, accelerator: str = "cpu") -> subprocess.CompletedProcess:
+def run_two_processes(*args: str, accelerator: str = "cpu") -> subprocess.CompletedProcess:
     """``python -m melora_lit.cli ARGS`` on 2 processes; Lightning starts the second one."""
     proc = subprocess.run(
         [sys.executable, "-m", "melora_lit.cli", *args, "--trainer.accelerator", accelerator,
@@ -173,7 +159,7 @@ def test_single_process_reference_trains(single):
 def test_two_nodes_by_torchrun_as_documented_match_one_process_and_validate_on_one(single, workdir):
     """docs/multinode.md's torchrun command, as 2 nodes x 1 process (two separate torchruns)."""
     root = workdir / "torchrun"
-    cfg = write_config(workdir / "torchrun.yaml", single["model"], single["csv"], root,
+    cfg = distributed_config(workdir / "torchrun.yaml", single["model"], single["csv"], root,
                        accelerator="auto")  # as a GPU node would run it; auto is cpu here
     cfg_data = yaml.safe_load(cfg.read_text())
     cfg_data["data"]["init_args"]["batch_size"] = 16  # per process: 2 x 16 = the reference's 32
@@ -218,7 +204,7 @@ def test_ddp_resumes_a_single_process_checkpoint(single, workdir):
     """Lightning's own launcher (--trainer.devices 2) resumes the reference's step-2 checkpoint:
     weights and AdamW state carry over, so steps 3-4 on 2 processes = steps 3-4 on 1."""
     root = workdir / "ddp-resume"
-    run_cli("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/ddp.yaml"),
+    run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/ddp.yaml"),
             "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
     files = checkpoint_files(root)
     assert files == [f for f in EXPECTED_FILES if "step=1" not in f and "step=2" not in f]
@@ -230,7 +216,7 @@ def test_fsdp2_two_processes_match_one_process(single, workdir):
     checkpoint is one file of full adapter tensors, equal to the single-process run's, and a
     single-process validate reads it."""
     root = workdir / "fsdp2"
-    proc = run_cli("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
+    proc = run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
                    "--trainer.default_root_dir", str(root))
     assert "FSDP2 sharded 4 BertLayer layers, then the root, over 2 processes" in proc.stdout + proc.stderr
     assert checkpoint_files(root) == EXPECTED_FILES
@@ -249,7 +235,7 @@ def test_fsdp2_resumes_a_single_process_checkpoint(single, workdir):
     """The reverse direction: full tensors sharded back into FSDP2 DTensors, the optimizer state
     re-keyed from positions to parameter names and sharded too."""
     root = workdir / "fsdp2-resume"
-    run_cli("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
+    run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
             "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
     assert_same_training_state(load(root / EXPECTED_FILES[-1]), load(single["last"]))
 
@@ -340,10 +326,10 @@ needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs (nccl, FSD
 
 
 @pytest.fixture(scope="module")
-def single_gpu(workdir, tiny_bert, train_csv) -> dict:
+def single_gpu(workdir, saved_bert_no_dropout, train_csv) -> dict:
     """The reference on 1 GPU; no gradient clipping (Lightning's FSDP1 refuses clipping by norm)."""
     root = workdir / "single-gpu"
-    cfg = write_config(workdir / "single-gpu.yaml", tiny_bert, train_csv, root, accelerator="gpu",
+    cfg = distributed_config(workdir / "single-gpu.yaml", saved_bert_no_dropout, train_csv, root, accelerator="gpu",
                        gradient_clip_val=None)
     cli_main(["fit", "--config", str(cfg)])
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
@@ -359,7 +345,7 @@ def test_gpu_two_processes_match_one_gpu(single_gpu, workdir, strategy, resume):
             "--trainer.default_root_dir", str(root)]
     if resume:
         args += ["--ckpt_path", str(single_gpu["step2"])]
-    run_cli(*args, accelerator="gpu")
+    run_two_processes(*args, accelerator="gpu")
     last = load(root / EXPECTED_FILES[-1])
     assert_adapter_only(last)
     assert_same_training_state(last, load(single_gpu["last"]))

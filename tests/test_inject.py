@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from melora_lit import (
     merge_melora,
 )
 
-from support import ids, tiny_bert, tiny_gpt2, tiny_llama
+from support import ids, run_cli, sentiment_rows, tiny_bert, tiny_gpt2, tiny_llama, write_config, write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -130,6 +132,24 @@ def test_rank_and_n_patterns():
         assert layer.scaling == pytest.approx(8.0 / r)
         assert summary.modules[name] == {"d_in": 32, "d_out": 32, "n": n, "r": r, "rank": n * r}
     assert summary.adapter_params == sum(2 * 32 * r for n, r in want.values())
+
+
+def test_pattern_keys_select_modules_as_peft_does():
+    """rank_pattern/n_pattern keys follow PEFT's rule (a regex on the end of the module path, the
+    first matching key wins), checked against PEFT's own get_pattern_key."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = {r"layer\.1\..*value": 1, "query": 4, r"0\.attention\.self\.value": 8}
+    n_pattern = {r"(self\.)?value": 2, r"encoder\.layer\.\d\.attention\.self\.query": 1}
+    model = tiny_bert()
+    summary = inject_melora(model, cfg(r=2, n=4, target_modules=["query", "value"], rank_pattern=rank_pattern,
+                                       n_pattern=n_pattern))
+    assert len(summary.modules) == 4
+    for name, s in summary.modules.items():
+        assert s["r"] == rank_pattern.get(get_pattern_key(list(rank_pattern), name), 2), name
+        assert s["n"] == n_pattern.get(get_pattern_key(list(n_pattern), name), 4), name
+    # the regex key on a suffix does select (a full-path match would not): layer 1's value has r=1
+    assert summary.modules["bert.encoder.layer.1.attention.self.value"]["r"] == 1
 
 
 def test_modules_to_save_trainable_and_in_adapter_state():
@@ -278,6 +298,11 @@ def assert_unchanged(model, snap):
      r"bert\.encoder\.layer\.1\.attention\.self\.value: n=3 does not divide"),
     (dict(rank_pattern={"value": 16}), r"attention\.self\.value: n\*r=4\*16=64 exceeds"),
     (dict(modules_to_save=["nope"]), r"modules_to_save \['nope'\] matched no module; some that exist: .*bert"),
+    # a pattern key that selects no adapted module would change nothing: a typo, or a module
+    # that exists but is not a target
+    (dict(rank_pattern={"vaule": 1}), r"^rank_pattern key 'vaule' matches none of the 4 adapted modules "
+                                      r"\(bert\.encoder\.layer\.0\.attention\.self\.query, .*as in PEFT$"),
+    (dict(n_pattern={"value": 2, "key": 2}), r"^n_pattern key 'key' matches none of the 4 adapted modules"),
 ])
 def test_inject_errors_leave_model_unchanged(kwargs, match):
     model = tiny_bert()
@@ -303,6 +328,7 @@ def test_n_must_divide_d_in_and_d_out_separately():
     (dict(dropout=1.0), r"dropout=1\.0 is not valid; dropout must be in \[0, 1\)"),
     (dict(init="xavier"), r"init='xavier' is not valid"),
     (dict(rank_pattern={"query": 0}), r"pattern 'query' sets 0"),
+    (dict(n_pattern={"layer.(0": 2}), r"n_pattern key 'layer\.\(0' is not a valid regular expression"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -354,3 +380,62 @@ def test_merge_melora_gives_plain_model_and_round_trips(builder, tmp_path):
     assert not any(type(m).__module__.startswith("melora_lit") for m in reloaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, ym, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_cli_refuses_a_pattern_key_that_selects_nothing(tmp_path, dropout_bert):
+    """A rank_pattern key copied with a typo: one line naming the key and the rule, exit 2, and
+    the earlier run folder untouched."""
+    runs = tmp_path / "runs"
+    earlier = runs / "lightning_logs" / "version_0"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(bytes(range(256)) * 4)
+    (earlier / "config.yaml").write_text("seed_everything: 1\n")
+    before = {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    melora = {"r": 2, "n": 2, "alpha": 4, "target_modules": ["query", "value"],
+              "rank_pattern": {r"layer\.0\.attention\.self\.vaule": 1}}
+    cfg = write_config(tmp_path / "config.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(32, 1)),
+                       runs, model_args={"melora": melora})
+    proc = run_cli("fit", "--config", str(cfg))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
+    assert errors == [r"melora-lit: error: rank_pattern key 'layer\.0\.attention\.self\.vaule' matches none of "
+                      "the 4 adapted modules (bert.encoder.layer.0.attention.self.query, "
+                      "bert.encoder.layer.0.attention.self.value, bert.encoder.layer.1.attention.self.query, ...); "
+                      "a key is a regular expression matched against the end of a module path, as in PEFT"]
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+
+
+_WITHOUT_LIGHTNING = """
+import sys
+
+class Block:  # any import of these packages fails
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning", "transformers"):
+            raise ImportError(f"blocked: {name}")
+
+sys.meta_path.insert(0, Block())
+from collections import OrderedDict
+import torch
+from torch import nn
+from melora_lit.adapter import MELoRAConfig, adapter_state_dict, inject_melora, merge_melora, save_adapter
+
+torch.manual_seed(0)
+model = nn.Sequential(OrderedDict(q=nn.Linear(8, 8), head=nn.Linear(8, 2)))
+summary = inject_melora(model, MELoRAConfig(r=1, n=2, target_modules=["q"], modules_to_save=["head"]))
+save_adapter(model, sys.argv[1], summary.config)
+print(sorted(adapter_state_dict(model, summary.modules_to_save)))
+merge_melora(model)
+print(type(model.q).__name__)
+"""
+
+
+def test_the_adapter_imports_and_works_without_lightning_or_transformers(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_LIGHTNING, str(tmp_path / "adapter")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["['head.bias', 'head.weight', 'q.lora_A', 'q.lora_B']", "Linear"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from melora_lit.cli import cli_main
 from melora_lit.data import ChitChatDataModule, InstructionDataModule
 from melora_lit.data.instruction import LengthGroupedSampler, chitchat_pairs
+
+from support import write_run_config
 
 SHARED_INSTRUCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct"
 ALPACA_DEMO = SHARED_INSTRUCT / "alpaca_en_demo.json"
@@ -262,20 +263,13 @@ def test_chitchat_pairs_and_data_module(smol_tokenizer):
 
 
 def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
-    cfg = {
-        "seed_everything": 7,
-        "trainer": {"default_root_dir": str(tmp_path), "accelerator": "cpu", "devices": 1, "max_epochs": 1,
-                    "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0, **trainer},
-        "model": {"model_name_or_path": model, "task": "causal-lm", "learning_rate": 1e-2, "warmup_ratio": 0.0,
-                  "melora": {"r": 2, "n": 4, "alpha": 8, "dropout": 0.0,
-                             "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-                  "generation": {"max_new_tokens": 6}},
-        "data": data,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        tmp_path / "config.yaml", tmp_path, data=data, trainer=trainer,
+        model={"model_name_or_path": model, "task": "causal-lm", "learning_rate": 1e-2, "warmup_ratio": 0.0,
+               "melora": {"r": 2, "n": 4, "alpha": 8, "dropout": 0.0,
+                          "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+               "generation": {"max_new_tokens": 6}},
+    )
 
 
 def test_fit_validate_predict_and_export(tmp_path, tiny_llama):

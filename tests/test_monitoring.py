@@ -20,11 +20,6 @@ from melora_lit.training.metrics import main_metric
 from support import save_tiny_bert, sentiment_rows, write_csv
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-monitoring"))
-
-
 def _train_csv(path: Path, n: int = 160) -> Path:
     return write_csv(path, sentiment_rows(n, seed=1))
 
@@ -92,7 +87,7 @@ def test_main_metric_choice():
 
 
 # ----------------------------------------------------------------------------- a real run
-def test_tiny_run_writes_every_tag(tmp_path, tiny_bert):
+def test_tiny_run_writes_every_tag(tmp_path, saved_bert):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -101,7 +96,7 @@ def test_tiny_run_writes_every_tag(tmp_path, tiny_bert):
         "trainer": {"default_root_dir": str(tmp_path), "accelerator": "cpu", "devices": 1, "max_epochs": 2,
                     "limit_train_batches": 4, "log_every_n_steps": 1, "enable_progress_bar": False,
                     "enable_model_summary": False},
-        "model": {"model_name_or_path": tiny_bert, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+        "model": {"model_name_or_path": saved_bert, "learning_rate": 2e-2, "warmup_ratio": 0.0,
                   "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
         "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
                  "init_args": {"train_file": str(_train_csv(tmp_path / "train.csv")), "text_columns": ["review"],

@@ -13,19 +13,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 
 from melora_lit.cli import cli_main
 from melora_lit.adapter import MELoRALinear, melora_layers, merge_melora
 from melora_lit.training.module import MELoRAModule
 
-from support import save_tiny_bert, sentiment_rows, write_csv
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    """4-layer BERT, hidden 64 (default dropout 0.1), with the real MiniLM tokenizer."""
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-precision"))
+from support import csv_classification_data, sentiment_rows, write_csv, write_run_config
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +27,12 @@ def train_csv(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, model: str, train_csv: Path, precision: str, accelerator: str = "cpu") -> Path:
-    cfg = {
-        "seed_everything": 3,
-        "trainer": {"default_root_dir": str(tmp_path), "accelerator": accelerator, "devices": 1, "max_epochs": 1,
-                    "precision": precision, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "enable_model_summary": False, "num_sanity_val_steps": 0},
-        "model": {"model_name_or_path": model, "learning_rate": 1e-2, "warmup_ratio": 0.0,
-                  "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
-        "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
-                 "init_args": {"train_file": str(train_csv), "text_columns": ["review"], "label_column": "sentiment",
-                               "val_fraction": 0.2, "batch_size": 16, "max_length": 32}},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        tmp_path / "config.yaml", tmp_path, seed=3, trainer={"accelerator": accelerator, "precision": precision},
+        model={"model_name_or_path": model, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+               "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
+        data=csv_classification_data(train_csv, val_fraction=0.2, batch_size=16, max_length=32),
+    )
 
 
 class _Probe(L.Callback):
@@ -75,8 +60,8 @@ class _Probe(L.Callback):
             self.first_loss = float(outputs["loss"])
 
 
-def _fit(tmp_path, tiny_bert, train_csv, precision, accelerator="cpu") -> tuple:
-    cli = cli_main(["--config", str(_config(tmp_path, tiny_bert, train_csv, precision, accelerator))], run=False)
+def _fit(tmp_path, saved_bert, train_csv, precision, accelerator="cpu") -> tuple:
+    cli = cli_main(["--config", str(_config(tmp_path, saved_bert, train_csv, precision, accelerator))], run=False)
     probe = _Probe()
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -86,8 +71,8 @@ def _fit(tmp_path, tiny_bert, train_csv, precision, accelerator="cpu") -> tuple:
 
 
 @pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
-def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, tiny_bert, train_csv, precision, param_dtype):
-    cli, probe, ckpt = _fit(tmp_path, tiny_bert, train_csv, precision)
+def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, saved_bert, train_csv, precision, param_dtype):
+    cli, probe, ckpt = _fit(tmp_path, saved_bert, train_csv, precision)
     # the adapter computes in bfloat16 either way; its parameters are float32 only under mixed
     assert probe.seen["output"] == torch.bfloat16
     assert probe.seen["param"] == param_dtype
@@ -100,7 +85,7 @@ def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, tiny_bert, tr
     assert len(moved) == len(probe.initial_B) == 8  # every lora_B left its zero init
 
     # the bf16 checkpoint loads into a float32 model; merging there is exact in float32
-    model = MELoRAModule(tiny_bert, num_labels=2, melora=cli.model.melora_config)
+    model = MELoRAModule(saved_bert, num_labels=2, melora=cli.model.melora_config)
     model.configure_model()
     model.on_load_checkpoint(ckpt)
     model.eval()
@@ -118,9 +103,9 @@ def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, tiny_bert, tr
     assert torch.allclose(before, after, atol=1e-5, rtol=0), (before - after).abs().max()
 
 
-def _grads(tiny_bert: str, gradient_checkpointing: bool, input_grads_hook: bool = True) -> dict:
+def _grads(saved_bert: str, gradient_checkpointing: bool, input_grads_hook: bool = True) -> dict:
     torch.manual_seed(0)  # the same head and adapter init each time
-    module = MELoRAModule(tiny_bert, num_labels=2, gradient_checkpointing=gradient_checkpointing)
+    module = MELoRAModule(saved_bert, num_labels=2, gradient_checkpointing=gradient_checkpointing)
     module.configure_model()
     model = module.model
     if not input_grads_hook and hasattr(model, "disable_input_require_grads"):
@@ -144,18 +129,18 @@ def _grads(tiny_bert: str, gradient_checkpointing: bool, input_grads_hook: bool 
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
-    reference = _grads(tiny_bert, gradient_checkpointing=False)
+def test_gradient_checkpointing_gives_the_same_gradients(saved_bert):
+    reference = _grads(saved_bert, gradient_checkpointing=False)
     assert len(reference) == 8 * 2 + 2 and all(g.abs().sum() > 0 for g in reference.values())
     for hook in (True, False):  # with and without enable_input_require_grads
-        checkpointed = _grads(tiny_bert, gradient_checkpointing=True, input_grads_hook=hook)
+        checkpointed = _grads(saved_bert, gradient_checkpointing=True, input_grads_hook=hook)
         assert checkpointed.keys() == reference.keys()
         for name, g in reference.items():
             assert torch.allclose(checkpointed[name], g, atol=1e-6, rtol=1e-5), name
 
 
-def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(tiny_bert):
-    module = MELoRAModule(tiny_bert, num_labels=2, gradient_checkpointing=True)
+def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(saved_bert):
+    module = MELoRAModule(saved_bert, num_labels=2, gradient_checkpointing=True)
     module.configure_model()
     layers = module.model.bert.encoder.layer
     assert all(getattr(layer, "gradient_checkpointing", False) for layer in layers)
@@ -164,7 +149,7 @@ def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(tin
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    plain = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    plain = BertForSequenceClassification.from_pretrained(saved_bert, num_labels=2)
     from melora_lit.adapter import MELoRAConfig, inject_melora
 
     inject_melora(plain, MELoRAConfig(r=2, n=4, target_modules=["query"], modules_to_save=["classifier"]))
@@ -185,9 +170,9 @@ def test_gradient_checkpointing_is_on_in_the_layers_and_needs_no_input_grads(tin
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed needs a CUDA GPU (Lightning turns it into "
                                                           "bf16-mixed on CPU)")
-def test_fp16_mixed_on_gpu(tmp_path, tiny_bert, train_csv):
+def test_fp16_mixed_on_gpu(tmp_path, saved_bert, train_csv):
     """Not run on CPU-only machines. On a GPU: python -m pytest tests/test_precision.py -k fp16"""
-    cli, probe, ckpt = _fit(tmp_path, tiny_bert, train_csv, "16-mixed", accelerator="gpu")
+    cli, probe, ckpt = _fit(tmp_path, saved_bert, train_csv, "16-mixed", accelerator="gpu")
     assert probe.seen["output"] == torch.float16 and probe.seen["param"] == torch.float32
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
     assert "scale" in ckpt["MixedPrecision"]  # the gradient scaler's state
@@ -197,11 +182,11 @@ def test_fp16_mixed_on_gpu(tmp_path, tiny_bert, train_csv):
     assert len(moved) == len(probe.initial_B) == 8
 
 
-def test_bfloat16_backbone_with_a_float32_head_trains(tiny_bert):
+def test_bfloat16_backbone_with_a_float32_head_trains(saved_bert):
     """``backbone_dtype: bfloat16``: the frozen weights in bfloat16, the adapter and the head in
     float32, and the head's output agrees with a float32 head applied to the same activations."""
     torch.manual_seed(0)
-    module = MELoRAModule(tiny_bert, num_labels=3, backbone_dtype="bfloat16")
+    module = MELoRAModule(saved_bert, num_labels=3, backbone_dtype="bfloat16")
     module.configure_model()
     model = module.model
     assert model.bert.encoder.layer[0].attention.self.query.base.weight.dtype == torch.bfloat16

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,45 +18,31 @@ from transformers import AutoTokenizer
 from melora_lit.cli import cli_main
 from melora_lit.training.module import MELoRAModule
 
-from support import FILLER, save_tiny_bert, sentiment_rows, write_csv
+from support import FILLER, csv_classification_data, run_cli, sentiment_rows, write_csv, write_run_config
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
 def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
-    cfg = {
-        "seed_everything": 7,
-        "trainer": {"default_root_dir": str(tmp_path), "accelerator": "cpu", "devices": 1,
-                    "max_epochs": 1, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    "enable_model_summary": False, **trainer},
-        "model": {"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
-                  "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
-                                                  "target_modules": ["query", "value"]}},
-        "data": data,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(
+        tmp_path / "config.yaml", tmp_path, data=data, trainer=trainer,
+        model={"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
+               "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
+                                               "target_modules": ["query", "value"]}},
+    )
 
 
 def _csv_data(tmp_path: Path) -> dict:
     train = write_csv(tmp_path / "train.csv", sentiment_rows(320, seed=1))
-    return {"class_path": "melora_lit.data.TextClassificationDataModule",
-            "init_args": {"train_file": str(train), "text_columns": ["review"], "label_column": "sentiment",
-                          "val_fraction": 0.2, "batch_size": 16, "max_length": 32}}
+    return csv_classification_data(train, val_fraction=0.2, batch_size=16, max_length=32)
 
 
 def _run_dir(tmp_path: Path, version: int = 0) -> Path:
     return tmp_path / "lightning_logs" / f"version_{version}"
 
 
-def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, tiny_bert):
-    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=6)
+def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, saved_bert):
+    cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=6)
     cli = cli_main(["fit", "--config", str(cfg)])
     metrics = cli.trainer.callback_metrics
     # the keyword task is learnable only through the adapters and the head (chance: 0.5)
@@ -94,7 +78,7 @@ def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, tiny_be
     assert right / len(rows) > 0.8
     # the backbone rebuilt from its source + the checkpoint's adapter = the trained model
     trained = cli.model.eval()
-    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok = AutoTokenizer.from_pretrained(saved_bert)
     with torch.no_grad():
         logits = trained(**tok([r["review"] for r in rows], padding=True, return_tensors="pt")).logits
     expected = [["negative", "positive"][i] for i in logits.argmax(-1).tolist()]
@@ -103,8 +87,8 @@ def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, tiny_be
     assert all(abs(float(w["score"]) - p) < 1e-4 for w, p in zip(written, probs))
 
 
-def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tmp_path, tiny_bert, monkeypatch):
-    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1)
+def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tmp_path, saved_bert, monkeypatch):
+    cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=1)
     first = cli_main(["fit", "--config", str(cfg)])
     steps_one_epoch = first.trainer.global_step
     assert steps_one_epoch == 16  # 256 training rows / 16
@@ -144,11 +128,11 @@ def _write_stsb(root: Path, n_train: int, n_dev: int) -> None:
         (root / "STS-B" / name).write_text("\n".join(lines) + "\n")
 
 
-def test_regression_run_stsb(tmp_path, tiny_bert):
+def test_regression_run_stsb(tmp_path, saved_bert):
     _write_stsb(tmp_path / "glue", 192, 64)
     data = {"class_path": "melora_lit.data.GLUEDataModule",
             "init_args": {"task": "stsb", "data_dir": str(tmp_path / "glue"), "batch_size": 16, "max_length": 32}}
-    cfg = _config(tmp_path, tiny_bert, data, max_epochs=6)
+    cfg = _config(tmp_path, saved_bert, data, max_epochs=6)
     cli = cli_main(["fit", "--config", str(cfg)])
     assert cli.model.model.config.problem_type == "regression" and cli.model.model.config.num_labels == 1
     metrics = cli.trainer.callback_metrics
@@ -157,32 +141,47 @@ def test_regression_run_stsb(tmp_path, tiny_bert):
 
 
 @pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="real GLUE files not found at ../shared/data/glue")
-def test_real_rte_files_train_and_validate(tmp_path, tiny_bert):
+def test_real_rte_files_train_and_validate(tmp_path, saved_bert):
     data = {"class_path": "melora_lit.data.GLUEDataModule",
             "init_args": {"task": "rte", "data_dir": str(SHARED_GLUE), "batch_size": 16, "max_length": 64,
                           "max_train_samples": 64}}
-    cfg = _config(tmp_path, tiny_bert, data, max_epochs=1, limit_val_batches=3)
+    cfg = _config(tmp_path, saved_bert, data, max_epochs=1, limit_val_batches=3)
     cli = cli_main(["fit", "--config", str(cfg)])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 4
-    assert 0.0 <= float(metrics["val/accuracy"]) <= 1.0 and torch.isfinite(metrics["val/loss"])
+    # validation saw the first 48 rows of the real dev.tsv, in order, with the labels read here
+    # from the file (GLUE's ids: entailment=0, not_entailment=1), and the logged accuracy is the
+    # trained model's on them
+    with open(SHARED_GLUE / "RTE" / "dev.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:48]
+    tok = AutoTokenizer.from_pretrained(saved_bert)
+    model, right, seen = cli.model.eval(), 0, 0
+    for batch in list(cli.datamodule.val_dataloader())[:3]:
+        with torch.no_grad():
+            preds = model(**batch).logits.argmax(-1)
+        for ids, mask, label, pred in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], preds):
+            row = rows[seen]
+            assert ids[mask.bool()].tolist() == tok(row["sentence1"], row["sentence2"], truncation=True,
+                                                    max_length=64)["input_ids"]
+            assert int(label) == ["entailment", "not_entailment"].index(row["label"])
+            right += int(pred == label)
+            seen += 1
+    assert seen == 48
+    assert float(metrics["val/accuracy"]) == pytest.approx(right / 48, abs=1e-6)
+    assert torch.isfinite(metrics["val/loss"])
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "melora_lit.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, tiny_bert):
+def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, saved_bert):
     import lightning as L
     from melora_lit.data import TextClassificationDataModule
     from melora_lit.adapter import MELoRAConfig
 
-    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=2)
+    cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=2)
     cli_main(["fit", "--config", str(cfg)])
     last = _run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
-    data = TextClassificationDataModule(**{**_csv_data(tmp_path)["init_args"], "tokenizer": tiny_bert})
-    other = MELoRAModule(tiny_bert, num_labels=2, melora=MELoRAConfig(r=2, n=2, target_modules=["query", "value"]))
+    data = TextClassificationDataModule(**{**_csv_data(tmp_path)["init_args"], "tokenizer": saved_bert})
+    other = MELoRAModule(saved_bert, num_labels=2, melora=MELoRAConfig(r=2, n=2, target_modules=["query", "value"]))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError) as err:
         trainer.validate(other, datamodule=data, ckpt_path=str(last))
@@ -192,7 +191,7 @@ def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, 
 
 
 def test_missing_model_path_is_one_line_exit_2(tmp_path):
-    proc = _cli("fit", "--model.model_name_or_path", str(tmp_path / "nope"), "--trainer.max_epochs", "1")
+    proc = run_cli("fit", "--model.model_name_or_path", str(tmp_path / "nope"), "--trainer.max_epochs", "1")
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -207,11 +206,11 @@ def test_quickstart_config_is_the_default(capsys):
     assert "tokenizer" not in printed["data"]["init_args"]  # linked from model.model_name_or_path
 
 
-def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, tiny_bert):
+def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, saved_bert):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    cfg = _config(tmp_path, tiny_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=4)
+    cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=1, limit_train_batches=4)
     cli = cli_main(["fit", "--config", str(cfg)])
     run = _run_dir(tmp_path)
     out = cli_main(["export", "--config", str(run / "config.yaml"), "--ckpt_path",
@@ -224,6 +223,6 @@ def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, tiny_bert):
         merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export" / "merged").eval()
         assert merged.config.id2label == {0: "negative", 1: "positive"}
         assert (merged(**x).logits - expected).abs().max() < 1e-4
-        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        base = AutoModelForSequenceClassification.from_pretrained(saved_bert, num_labels=2)
         peft_model = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()
         assert (peft_model(**x).logits - expected).abs().max() < 1e-4

@@ -109,7 +109,7 @@ class MELoRAConfig:
                 try:
                     re.compile(pat)
                 except re.error as err:
-                    raise ValueError(f"{option} key {pat!r} is not a valid regular expression ({err})") from None
+                    raise ValueError(f"{option} key '{pat}' is not a valid regular expression ({err})") from None
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init={self.init!r} is not valid; use 'kaiming' or 'gaussian'")
 
@@ -245,7 +245,7 @@ def inject_melora(model: nn.Module, config: MELoRAConfig) -> InjectionSummary:
             if not any(_pattern_matches(name, key) for name in chosen):
                 shown = ", ".join(chosen[:3]) + (", ..." if len(chosen) > 3 else "")
                 raise ValueError(
-                    f"{option} key {key!r} matches none of the {len(chosen)} adapted modules ({shown}); "
+                    f"{option} key '{key}' matches none of the {len(chosen)} adapted modules ({shown}); "
                     "a key is a regular expression matched against the end of a module path, as in PEFT"
                 )
 
