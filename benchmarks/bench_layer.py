@@ -156,7 +156,8 @@ def paired_ratio(times: list[float], floor: list[float]) -> float:
 
 def load_baseline(path: str):
     """The MELoRALinear class of another adapter/layer.py (e.g. an older revision of the core)."""
-    spec = importlib.util.spec_from_file_location("melora_baseline", path)
+    # a module of melora_lit.adapter, so that its relative imports (``from . import cpu_kernels``) resolve
+    spec = importlib.util.spec_from_file_location("melora_lit.adapter._baseline_layer", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

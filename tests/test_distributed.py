@@ -67,7 +67,8 @@ def single(workdir, saved_bert_no_dropout, train_csv) -> dict:
     cli = cli_main(["fit", "--config", str(cfg)])
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
     return {"config": cfg, "root": root, "step2": ckpts / "epoch=1-step=2.ckpt", "last": ckpts / "last.ckpt",
-            "val_loss": float(cli.trainer.callback_metrics["val/loss"]), "model": saved_bert_no_dropout, "csv": train_csv}
+            "val_loss": float(cli.trainer.callback_metrics["val/loss"]), "model": saved_bert_no_dropout,
+            "csv": train_csv}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -160,7 +161,7 @@ def test_two_nodes_by_torchrun_as_documented_match_one_process_and_validate_on_o
     """docs/multinode.md's torchrun command, as 2 nodes x 1 process (two separate torchruns)."""
     root = workdir / "torchrun"
     cfg = distributed_config(workdir / "torchrun.yaml", single["model"], single["csv"], root,
-                       accelerator="auto")  # as a GPU node would run it; auto is cpu here
+                             accelerator="auto")  # as a GPU node would run it; auto is cpu here
     cfg_data = yaml.safe_load(cfg.read_text())
     cfg_data["data"]["init_args"]["batch_size"] = 16  # per process: 2 x 16 = the reference's 32
     cfg.write_text(yaml.safe_dump(cfg_data))
@@ -205,7 +206,7 @@ def test_ddp_resumes_a_single_process_checkpoint(single, workdir):
     weights and AdamW state carry over, so steps 3-4 on 2 processes = steps 3-4 on 1."""
     root = workdir / "ddp-resume"
     run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/ddp.yaml"),
-            "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
+                      "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
     files = checkpoint_files(root)
     assert files == [f for f in EXPECTED_FILES if "step=1" not in f and "step=2" not in f]
     assert_same_training_state(load(root / EXPECTED_FILES[-1]), load(single["last"]))
@@ -216,8 +217,9 @@ def test_fsdp2_two_processes_match_one_process(single, workdir):
     checkpoint is one file of full adapter tensors, equal to the single-process run's, and a
     single-process validate reads it."""
     root = workdir / "fsdp2"
-    proc = run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
-                   "--trainer.default_root_dir", str(root))
+    proc = run_two_processes("fit", "--config", str(single["config"]),
+                             "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
+                             "--trainer.default_root_dir", str(root))
     assert "FSDP2 sharded 4 BertLayer layers, then the root, over 2 processes" in proc.stdout + proc.stderr
     assert checkpoint_files(root) == EXPECTED_FILES
     last = load(root / EXPECTED_FILES[-1])
@@ -236,7 +238,7 @@ def test_fsdp2_resumes_a_single_process_checkpoint(single, workdir):
     re-keyed from positions to parameter names and sharded too."""
     root = workdir / "fsdp2-resume"
     run_two_processes("fit", "--config", str(single["config"]), "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
-            "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
+                      "--trainer.default_root_dir", str(root), "--ckpt_path", str(single["step2"]))
     assert_same_training_state(load(root / EXPECTED_FILES[-1]), load(single["last"]))
 
 
@@ -329,8 +331,8 @@ needs_2_gpus = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA GPUs (nccl, FSD
 def single_gpu(workdir, saved_bert_no_dropout, train_csv) -> dict:
     """The reference on 1 GPU; no gradient clipping (Lightning's FSDP1 refuses clipping by norm)."""
     root = workdir / "single-gpu"
-    cfg = distributed_config(workdir / "single-gpu.yaml", saved_bert_no_dropout, train_csv, root, accelerator="gpu",
-                       gradient_clip_val=None)
+    cfg = distributed_config(workdir / "single-gpu.yaml", saved_bert_no_dropout, train_csv, root,
+                             accelerator="gpu", gradient_clip_val=None)
     cli_main(["fit", "--config", str(cfg)])
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
     return {"config": cfg, "step2": ckpts / "epoch=1-step=2.ckpt", "last": ckpts / "last.ckpt"}

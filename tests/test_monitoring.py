@@ -17,7 +17,7 @@ from melora_lit.adapter.diagnostics import adapter_diagnostics, block_cosine_sim
 from melora_lit.adapter import MELoRALinear, melora_layers
 from melora_lit.training.metrics import main_metric
 
-from support import save_tiny_bert, sentiment_rows, write_csv
+from support import sentiment_rows, write_csv
 
 
 def _train_csv(path: Path, n: int = 160) -> Path:

@@ -114,7 +114,7 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def _pattern_key(name: str, adapted: dict) -> str:
-    """A PEFT rank_pattern/alpha_pattern key that selects ``name`` alone among the adapted
+    r"""A PEFT rank_pattern/alpha_pattern key that selects ``name`` alone among the adapted
     modules in every PEFT version: up to 0.13 a key only matches after a dot
     (``.*\.{key}$``), later versions also match the whole path (``(.*\.)?({key})$``). So the
     path without its first component, where that is unique (else the full path, which only

@@ -48,7 +48,7 @@ from . import cpu_kernels
 
 __all__ = ["MELoRALinear", "block_diagonal"]
 
-Path = Literal["reference", "fused_cpu", "torch"]
+ForwardPath = Literal["reference", "fused_cpu", "torch"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -303,7 +303,7 @@ class MELoRALinear(nn.Module):
             y = self._fast_forward(x.to(dtype).reshape(-1, self.d_in), dtype, fused=path == "fused_cpu")
         return y.view(*x.shape[:-1], self.d_out)
 
-    def _choose_path(self, device_type: str, dtype: torch.dtype) -> Path:
+    def _choose_path(self, device_type: str, dtype: torch.dtype) -> ForwardPath:
         """Which implementation runs this forward (see the module docstring)."""
         if _dense_weight(self.base) is None:  # e.g. a quantized base: see _dense_weight
             return "reference"
