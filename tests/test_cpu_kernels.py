@@ -179,17 +179,20 @@ def test_torch_compile_uses_the_torch_path(tokens):
     """Under torch.compile the layer traces the plain-torch path (one graph, no opaque op), and
     computes the MELoRA function: outputs and factor gradients of a trained layer (B != 0) match
     the float64 block-diagonal reference."""
-    from torch._dynamo.testing import CompileCounter
+    graphs = []
+
+    def backend(gm, example_inputs):  # records what dynamo captured, runs it as is
+        graphs.append("\n".join(str(m.graph) for m in gm.modules() if hasattr(m, "graph")))
+        return gm.forward
 
     torch._dynamo.reset()
     layer = _layer(32, 32, 4, 1, std=0.5)
-    counter = CompileCounter()
-    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
     x = torch.randn(tokens, 32)
     y = compiled(x)
     g = torch.randn_like(y)
     y.backward(g)
-    assert counter.frame_count == 1
+    assert len(graphs) == 1 and "bmm" in graphs[0] and "melora_lit" not in graphs[0]
 
     w, b = layer.base.weight.detach().double(), layer.base.bias.detach().double()
     ar = layer.lora_A.detach().double().requires_grad_()

@@ -115,10 +115,9 @@ def _task_type(model: nn.Module) -> str | None:
 
 def _pattern_key(name: str, adapted: dict) -> str:
     r"""A PEFT rank_pattern/alpha_pattern key that selects ``name`` alone among the adapted
-    modules in every PEFT version: up to 0.13 a key only matches after a dot
-    (``.*\.{key}$``), later versions also match the whole path (``(.*\.)?({key})$``). So the
-    path without its first component, where that is unique (else the full path, which only
-    the later versions match)."""
+    modules in every PEFT version: PEFT 0.13 matches a key only after a dot (``.*\.{key}$``),
+    recent versions also the whole path (``(.*\.)?({key})$``). So the path without its first
+    component, where that is unique (else the full path, which only recent versions match)."""
     _, _, tail = name.partition(".")
     if tail and sum(n == tail or n.endswith("." + tail) for n in adapted) == 1:
         return re.escape(tail)
