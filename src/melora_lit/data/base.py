@@ -4,7 +4,7 @@ once: :class:`MELoRADataModule`. Every data module of this package implements it
 The contract (abstract members must be provided by a subclass):
 
 =====================  ==========================================================================
-``task``               the ``--model.task`` this data trains: ``sequence-classification`` or
+``model_task``         the ``--model.task`` this data trains: ``sequence-classification`` or
                        ``causal-lm``; the module refuses data of another task before training.
 ``num_labels``         output size of a classifier (classes; 1 = regression), None for data
                        without classes (causal LM). The CLI links it to ``model.num_labels``.
@@ -64,7 +64,7 @@ class MELoRADataModule(L.LightningDataModule, ABC):
     """The data side of a MELoRA run (see the module docstring for the contract), with the
     tokenizer, set-up and dataloader plumbing every data module shares."""
 
-    task: ClassVar[DataTask]
+    model_task: ClassVar[DataTask]
 
     def __init__(
         self,
@@ -243,7 +243,7 @@ class ClassificationDataModule(MELoRADataModule):
     text, or a pair) tokenized together; class ids (or regression scores) in a ``labels``
     column."""
 
-    task: ClassVar[DataTask] = "sequence-classification"
+    model_task: ClassVar[DataTask] = "sequence-classification"
     text_columns: tuple[str, ...]
 
     @property

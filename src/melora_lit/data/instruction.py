@@ -212,7 +212,7 @@ class InstructionDataModule(MELoRADataModule):
         cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
     """
 
-    task: ClassVar[DataTask] = "causal-lm"
+    model_task: ClassVar[DataTask] = "causal-lm"
 
     def __init__(
         self,

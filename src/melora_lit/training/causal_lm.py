@@ -57,7 +57,6 @@ class CausalLM(Task):
     """A decoder trained on response tokens; ``predict`` decodes with :attr:`generation`."""
 
     name: ClassVar[str] = "causal-lm"
-    prediction_file: ClassVar[str] = "predictions.jsonl"
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         self.generation = generation if generation is not None else GenerationOptions()

@@ -27,7 +27,6 @@ class SequenceClassification(Task):
     """A classifier of ``num_labels`` classes (1 = regression) named ``label_names``."""
 
     name: ClassVar[str] = "sequence-classification"
-    prediction_file: ClassVar[str] = "predictions.csv"
 
     def __init__(self, num_labels: int | None, label_names: list[str] | None = None) -> None:
         if num_labels is None or num_labels < 1:

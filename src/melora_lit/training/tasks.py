@@ -61,8 +61,8 @@ class Task(ABC):
     """The task-specific part of a MELoRA run."""
 
     name: ClassVar[str]
-    #: file name of ``predict`` results in the run folder
-    prediction_file: ClassVar[str]
+    #: class names in id order (classification; restored from a checkpoint when not given)
+    label_names: list[str] | None = None
 
     @abstractmethod
     def load_backbone(self, source: BackboneSource) -> nn.Module:
