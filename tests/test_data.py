@@ -484,3 +484,30 @@ def test_validate_with_only_a_validation_file(tmp_path, tokenizer):
     assert next(iter(dm.val_dataloader()))["labels"].tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="no train data"):
         dm.setup("fit")
+
+
+# ---- the model<->data contract (melora_lit.data.base) ----------------------------------------
+
+
+def test_every_data_module_implements_the_contract(tokenizer):
+    import inspect
+
+    import melora_lit.data as data
+    from melora_lit.data.base import MELoRADataModule
+
+    classes = [obj for name in data.__all__ if inspect.isclass(obj := getattr(data, name))]
+    assert len(classes) >= 5  # GLUE, text classification, BBC News, instruction, chit-chat, ...
+    for cls in classes:
+        assert issubclass(cls, MELoRADataModule) and not inspect.isabstract(cls), cls
+        assert cls.model_task in ("sequence-classification", "causal-lm"), cls
+    # the logging prefixes are the data's, validation and test alike
+    mnli = GLUEDataModule("mnli", tokenizer=tokenizer, data_dir="unused")
+    assert (mnli.val_names, mnli.test_names) == (["val_matched", "val_mismatched"], ["test_matched", "test_mismatched"])
+    rte = GLUEDataModule("rte", tokenizer=tokenizer, data_dir="unused")
+    assert (rte.val_names, rte.test_names, rte.num_labels, rte.is_regression) == (["val"], ["test"], 2, False)
+    stsb = GLUEDataModule("stsb", tokenizer=tokenizer, data_dir="unused")
+    assert (stsb.num_labels, stsb.label_names, stsb.is_regression) == (1, None, True)
+    assert set(stsb.build_metrics().keys()) == {"pearson", "spearman"}
+    instruct = data.InstructionDataModule(tokenizer=tokenizer)
+    assert (instruct.model_task, instruct.num_labels, instruct.label_names) == ("causal-lm", None, None)
+    assert set(instruct.build_metrics().keys()) == {"loss", "perplexity"}

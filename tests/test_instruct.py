@@ -385,3 +385,23 @@ def test_classification_data_with_causal_lm_is_refused(tmp_path, tiny_llama):
 
     with pytest.raises(ValueError, match="task causal-lm"):
         MELoRAModule(tiny_llama, num_labels=0)
+
+
+def test_data_of_another_task_is_refused_before_the_first_step(tmp_path, tiny_llama):
+    import lightning as L
+
+    from melora_lit.data import TextClassificationDataModule
+    from melora_lit.training.module import MELoRAModule
+
+    from support import sentiment_rows, write_csv
+
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(20, seed=0))
+    dm = TextClassificationDataModule(train_file=str(train), text_columns=["review"], label_column="sentiment",
+                                      tokenizer=tiny_llama, batch_size=4)
+    module = MELoRAModule(tiny_llama, task="causal-lm", num_labels=None)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="TextClassificationDataModule is sequence-classification data; it does not "
+                                         "fit --model.task causal-lm"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0

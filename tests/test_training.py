@@ -226,3 +226,125 @@ def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, saved_bert)
         base = AutoModelForSequenceClassification.from_pretrained(saved_bert, num_labels=2)
         peft_model = PeftModel.from_pretrained(base, tmp_path / "export" / "peft").eval()
         assert (peft_model(**x).logits - expected).abs().max() < 1e-4
+
+
+# ---- optimizer and schedule from the CLI (issue 13.3) -----------------------------------------
+
+
+def _lr_curves(run: Path) -> dict[str, list[float]]:
+    """The learning rates LearningRateMonitor logged, per tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {tag: [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+            for tag in acc.Tags()["scalars"] if tag.startswith("lr-")}
+
+
+def _reference_lrs(schedule: str, base_lr: float, warmup: int, total: int) -> list[float]:
+    """transformers' schedule function, stepped on its own optimizer: the lr of each step."""
+    import transformers
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    if schedule == "constant":
+        sched = transformers.get_constant_schedule_with_warmup(opt, warmup)
+    else:
+        make = {"linear": transformers.get_linear_schedule_with_warmup,
+                "cosine": transformers.get_cosine_schedule_with_warmup}[schedule]
+        sched = make(opt, warmup, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule, optimizer", [("cosine", "SGD"), ("constant", None), ("linear", None)])
+def test_optimizer_and_named_schedule_from_the_cli(tmp_path, dropout_bert, schedule, optimizer):
+    from support import run_cli, write_config
+
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=2))
+    # 48 train rows / 8 = 6 steps per epoch, 2 epochs; head lr apart from the adapter's
+    cfg = write_config(tmp_path / "config.yaml", dropout_bert, train, tmp_path,
+                       model_args={"learning_rate": 1e-2, "head_learning_rate": 3e-2, "warmup_steps": 3})
+    extra = ["--optimizer", optimizer, "--optimizer.momentum", "0.9"] if optimizer else []
+    proc = run_cli("fit", "--config", str(cfg), "--model.lr_schedule", schedule, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _run_dir(tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    # the groups: adapter (decayed), head (its own lr), 1-D parameters without weight decay
+    assert sorted({(g["initial_lr"], g["weight_decay"]) for g in groups}) == [
+        (1e-2, 0.01), (3e-2, 0.0), (3e-2, 0.01)]
+    if optimizer == "SGD":
+        assert all(g["momentum"] == 0.9 and "betas" not in g for g in groups)
+        assert all("momentum_buffer" in s for s in ckpt["optimizer_states"][0]["state"].values())
+    else:
+        assert all(g["betas"] == [0.9, 0.999] or g["betas"] == (0.9, 0.999) for g in groups)
+    curves = _lr_curves(run)
+    assert len(curves) == len(groups)
+    for g in groups:
+        expected = _reference_lrs(schedule, g["initial_lr"], warmup=3, total=12)
+        matching = [c for c in curves.values() if len(c) == 12 and max(abs(a - b) for a, b in zip(c, expected)) < 1e-8]
+        assert matching, (schedule, g["initial_lr"], curves, expected)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 12
+
+
+def test_optimizer_lr_is_refused_in_one_line_and_touches_no_run(tmp_path, dropout_bert):
+    import hashlib
+
+    from support import run_cli, write_config
+
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(32, seed=2))  # 24 train rows: 3 steps
+    cfg = write_config(tmp_path / "config.yaml", dropout_bert, train, tmp_path, trainer={"max_epochs": 1})
+    assert run_cli("fit", "--config", str(cfg), "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
+                   "--lr_scheduler.gamma", "0.5").returncode == 0
+    ckpt = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # a torch scheduler given as --lr_scheduler, stepped every optimizer step: 3 steps, halving
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 3 and ckpt["lr_schedulers"][0]["step_size"] == 1
+    assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-2 * 0.5 ** 3)
+
+    def tree() -> dict[str, str]:
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = tree()
+    proc = run_cli("fit", "--config", str(cfg), "--optimizer", "SGD", "--optimizer.lr", "0.1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [proc.stderr.splitlines()[-1]], proc.stderr  # one line, the last
+    assert errors[0].startswith("melora-lit: error: optimizer lr=0.1 is not used") and "--model.learning_rate" in errors[0]
+    assert tree() == before
+
+
+def test_compile_trains_the_same_adapter(dropout_bert):
+    """``compile=True``: torch.compile of the backbone keeps the checkpoint keys and gives the
+    eager model's loss and adapter gradients (float tolerance: the fused graph reorders sums)."""
+    from melora_lit.adapter import MELoRAConfig
+
+    def built(compile_: bool) -> MELoRAModule:
+        torch.manual_seed(0)
+        module = MELoRAModule(dropout_bert, num_labels=2, compile=compile_,
+                              melora=MELoRAConfig(r=2, n=2, alpha=4, target_modules=["query", "value"]))
+        module.configure_model()
+        module.model.eval()  # dropout off: the two must see the same function
+        return module
+
+    eager, compiled = built(False), built(True)
+    with torch.no_grad():  # the same non-zero adapter in both
+        for (name, p), (_, q) in zip(eager.model.named_parameters(), compiled.model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.1)
+                q.copy_(p)
+    assert eager.model.state_dict().keys() == compiled.model.state_dict().keys()
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "labels": torch.tensor([0, 1, 1, 0])}
+    losses = []
+    for module in (eager, compiled):
+        loss = module(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    grads = [(p.grad, q.grad) for p, q in zip(eager.model.parameters(), compiled.model.parameters()) if p.requires_grad]
+    assert grads and all(torch.allclose(a, b, atol=1e-5) for a, b in grads)
+    assert any(a.abs().sum() > 0 for a, _ in grads)

@@ -57,6 +57,9 @@ class MELoRACLI(LightningCLI):
                               compute_fn=gguf_source)
         parser.link_arguments("data.num_labels", "model.num_labels", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.label_names", apply_on="instantiate")
+        # --optimizer/--lr_scheduler become the module's callables, built after configure_model
+        parser.add_optimizer_args(link_to="model.optimizer")
+        parser.add_lr_scheduler_args(link_to="model.lr_scheduler")
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)

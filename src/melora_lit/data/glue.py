@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
-from .text_classification import _one_line, _TextDataModuleBase
+from .base import ClassificationDataModule, one_line
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]
 
@@ -32,6 +32,14 @@ class _Task:
     @property
     def text_columns(self) -> tuple[str, ...]:
         return tuple(c for c in self.columns.values() if c != "label")
+
+    @property
+    def eval_suffixes(self) -> tuple[str, ...]:
+        """Suffix of each validation set's logging prefix: ``""`` for one set, else the hub
+        split's qualifier (MNLI: ``_matched``, ``_mismatched``)."""
+        if len(self.hub_val_splits) == 1:
+            return ("",)
+        return tuple(split[len("validation"):] for split in self.hub_val_splits)
 
 
 _ENTAILMENT = ("entailment", "not_entailment")
@@ -98,7 +106,7 @@ def _label_parser(names: tuple[str, ...] | None) -> Callable[[str | None], float
     return parse
 
 
-class GLUEDataModule(_TextDataModuleBase):
+class GLUEDataModule(ClassificationDataModule):
     """A GLUE task, from the hub dataset ``nyu-mll/glue`` or from the original GLUE TSV files.
 
     Label ids are the hub's for both sources (e.g. RTE: entailment=0, not_entailment=1).
@@ -157,16 +165,15 @@ class GLUEDataModule(_TextDataModuleBase):
         return list(self.spec.label_names) if self.spec.label_names else None
 
     @property
-    def is_regression(self) -> bool:
-        """True for STS-B, whose target is a similarity score in [0, 5]."""
-        return self.spec.label_names is None
-
-    @property
     def val_names(self) -> list[str]:
         """``["val"]``, or ``["val_matched", "val_mismatched"]`` for MNLI."""
-        if len(self.spec.hub_val_splits) == 1:
-            return ["val"]
-        return [split.replace("validation", "val") for split in self.spec.hub_val_splits]
+        return [f"val{suffix}" for suffix in self.spec.eval_suffixes]
+
+    @property
+    def test_names(self) -> list[str]:
+        """``["test"]``, or ``["test_matched", "test_mismatched"]`` for MNLI (the labelled
+        validation sets: see :meth:`test_dataloader`)."""
+        return [f"test{suffix}" for suffix in self.spec.eval_suffixes]
 
     def build_metrics(self) -> MetricCollection:
         """A fresh collection of the task's official metrics."""
@@ -191,7 +198,7 @@ class GLUEDataModule(_TextDataModuleBase):
         except Exception as err:  # offline, not cached, or any other hub failure
             raise ValueError(
                 f"cannot load GLUE task {self.task!r} from the hub ({GLUE_HUB_DATASET}), the hub is "
-                f"unreachable or the data not cached ({_one_line(err)}); pass --data.data_dir with a "
+                f"unreachable or the data not cached ({one_line(err)}); pass --data.data_dir with a "
                 f"folder of the GLUE TSVs (<data_dir>/{self.spec.folder}/train.tsv, ...)"
             ) from err
         return DatasetDict({split: data[split] for split in ("train", *self.spec.hub_val_splits)})
@@ -227,7 +234,7 @@ class GLUEDataModule(_TextDataModuleBase):
         except Exception as err:  # a missing column or an unreadable file
             raise ValueError(
                 f"cannot read the GLUE {spec.folder} TSVs in {root / spec.folder} "
-                f"(expected columns {usecols}): {_one_line(err)}"
+                f"(expected columns {usecols}): {one_line(err)}"
             ) from err
         raw = raw.rename_columns({k: v for k, v in spec.columns.items() if k != v})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
 from datasets import Dataset, load_dataset
@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..training.resume import ResumableSampler
 from ..training.metrics import language_modeling_metrics
-from .text_classification import _check_int, _one_line, _TextDataModuleBase
+from ..training.resume import ResumableSampler
+from .base import DataTask, MELoRADataModule, check_int, one_line
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -163,7 +163,7 @@ class PromptFormatter:
         return out
 
 
-class InstructionDataModule(_TextDataModuleBase):
+class InstructionDataModule(MELoRADataModule):
     """Instruction tuning data in the Alpaca format, for a causal language model.
 
     Records hold ``instruction``, ``input`` (may be empty or missing) and ``output``; they come
@@ -212,7 +212,7 @@ class InstructionDataModule(_TextDataModuleBase):
         cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
     """
 
-    text_columns = ()
+    model_task: ClassVar[DataTask] = "causal-lm"
 
     def __init__(
         self,
@@ -249,7 +249,7 @@ class InstructionDataModule(_TextDataModuleBase):
         if isinstance(val_size, float) and not 0 < val_size < 1:
             raise ValueError(f"val_size={val_size} is not valid; a fraction must be in (0, 1)")
         if isinstance(val_size, int):
-            _check_int("val_size", val_size, minimum=1)
+            check_int("val_size", val_size, minimum=1)
         if dataset_name is not None and train_file is not None:
             raise ValueError(f"pass either dataset_name ({dataset_name!r}) or train_file, not both")
         for path in (train_file, validation_file):
@@ -277,23 +277,17 @@ class InstructionDataModule(_TextDataModuleBase):
         self._fit_splits: tuple[Dataset, Dataset] | None = None
         self._prompt_tokenizer: PreTrainedTokenizerBase | None = None
 
-    # ---- the interface shared with the other data modules ---------------------------------
+    # ---- the contract (melora_lit.data.base) ------------------------------------------------
 
     @property
-    def num_labels(self) -> int:
-        """0: a causal LM predicts tokens, not classes (the CLI links this to the model, which
-        ignores it for ``task: causal-lm``)."""
-        return 0
+    def num_labels(self) -> None:
+        """None: a causal LM predicts tokens, not classes."""
+        return None
 
     @property
     def label_names(self) -> None:
         """None: no classes."""
         return None
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer (pad token set), loaded on first use."""
-        return self._load_tokenizer()
 
     def build_metrics(self) -> MetricCollection:
         """Token-weighted ``loss`` and ``perplexity`` (see :func:`~melora_lit.training.metrics.language_modeling_metrics`)."""
@@ -319,7 +313,7 @@ class InstructionDataModule(_TextDataModuleBase):
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+            raise ValueError(f"cannot read {path}: {one_line(err)}") from err
         if len(ds) == 0:
             raise ValueError(f"{path} has no rows")
         return ds
@@ -330,7 +324,7 @@ class InstructionDataModule(_TextDataModuleBase):
                                 cache_dir=self.cache_dir)
         except Exception as err:  # the hub raises many types; all mean "cannot get it"
             raise ValueError(f"cannot load dataset {self.dataset_name!r} split {self.dataset_split!r}: "
-                             f"{_one_line(err)}") from err
+                             f"{one_line(err)}") from err
 
     def _read_train(self) -> Dataset:
         """The train records as read; subclasses with their own data override this."""
@@ -396,21 +390,6 @@ class InstructionDataModule(_TextDataModuleBase):
         if self.predict_file is not None:
             return self._normalize(self._read_records(self.predict_file), self.predict_file, with_output=False)
         return self._val_splits()[0]
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load_tokenizer()  # a bad tokenizer fails before any data is read
-        if stage in ("fit", None):
-            train = self._train_split()
-            if self.max_train_samples is not None and self.max_train_samples < len(train):
-                train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
-            self.train_dataset = self._tokenize(train, split="train")
-        if stage in ("fit", "validate", None):
-            self.val_datasets = [self._tokenize(ds, split="val") for ds in self._val_splits()]
-        if stage in ("test", None):
-            self.test_datasets = [self._tokenize(ds, split="test") for ds in self._test_splits()]
-        if stage in ("predict", None):
-            self.raw_predict = self._predict_split()
-            self.predict_dataset = self._tokenize(self.raw_predict, with_labels=False, split="predict")
 
     # ---- prompts and tokens ---------------------------------------------------------------
 
@@ -481,9 +460,8 @@ class InstructionDataModule(_TextDataModuleBase):
         if self._prompt_tokenizer is None:
             self._prompt_tokenizer = copy.deepcopy(self._load_tokenizer())
             self._prompt_tokenizer.padding_side = "left"
-        return DataLoader(self._ready(self.predict_dataset, "predict"), batch_size=self.eval_batch_size,
-                          collate_fn=DataCollatorWithPadding(self._prompt_tokenizer),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return self._loader(self._ready(self.predict_dataset, "predict"), self.eval_batch_size,
+                            collate_fn=DataCollatorWithPadding(self._prompt_tokenizer))
 
     def _collator(self) -> DataCollatorForSeq2Seq:
         return DataCollatorForSeq2Seq(self._load_tokenizer(), padding=True, label_pad_token_id=IGNORE_INDEX)
@@ -560,8 +538,8 @@ class ChitChatDataModule(InstructionDataModule):
         seed: int = 42,
         cache_dir: str | None = None,
     ) -> None:
-        _check_int("max_records", max_records, minimum=2, optional=True)
-        _check_int("context_turns", context_turns, minimum=0)
+        check_int("max_records", max_records, minimum=2, optional=True)
+        check_int("context_turns", context_turns, minimum=0)
         super().__init__(
             predict_file=predict_file, prompt_format=prompt_format, system_prompt=system_prompt,
             train_on_inputs=train_on_inputs, val_size=val_size, group_by_length=group_by_length,

@@ -1,26 +1,14 @@
-"""Text classification data from a user's own files or a hub dataset.
-
-Also home of the tokenization, batching and dataloader plumbing that every data module of this
-package shares (:class:`_TextDataModuleBase`).
-"""
+"""Text classification data from a user's own files or a hub dataset."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
-import lightning as L
-import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
-from torchmetrics import MetricCollection
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..sources import resolve_pretrained
-from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
-from ..training.metrics import classification_metrics
+from .base import ClassificationDataModule, one_line
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -34,210 +22,6 @@ _FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-
-
-def _one_line(err: BaseException) -> str:
-    """The first line of an exception, to embed in a one-line error message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-def _check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-class _TextDataModuleBase(L.LightningDataModule):
-    """Tokenization, dynamic padding and dataloaders shared by the text data modules.
-
-    Subclasses provide the label space and the untokenized splits, with the class ids (or
-    regression scores) in a ``labels`` column and the texts in :attr:`text_columns`.
-    """
-
-    text_columns: tuple[str, ...]
-
-    def __init__(
-        self,
-        tokenizer: str | None,
-        max_length: int,
-        batch_size: int,
-        eval_batch_size: int | None,
-        max_train_samples: int | None,
-        num_workers: int,
-        seed: int,
-        cache_dir: str | None,
-    ) -> None:
-        super().__init__()
-        _check_int("max_length", max_length)
-        _check_int("batch_size", batch_size)
-        _check_int("eval_batch_size", eval_batch_size, optional=True)
-        _check_int("max_train_samples", max_train_samples, optional=True)
-        _check_int("num_workers", num_workers, minimum=0)
-        # Plain attributes rather than save_hyperparameters(): Lightning refuses to log when a
-        # datamodule hparam and a model hparam share a key with different values, and the
-        # LightningCLI already saves the full config next to the logs.
-        self.tokenizer_name = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.max_train_samples = max_train_samples
-        self.num_workers = num_workers
-        self.seed = seed
-        self.cache_dir = cache_dir
-
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self.train_dataset: Dataset | None = None
-        self.val_datasets: list[Dataset] = []
-        self.test_datasets: list[Dataset] = []
-        self.predict_dataset: Dataset | None = None
-        self.raw_predict: Dataset | None = None
-
-    # ---- what a subclass provides --------------------------------------------------------
-
-    @property
-    def num_labels(self) -> int:
-        """Size of the model's output: the number of classes, 1 for regression."""
-        raise NotImplementedError
-
-    @property
-    def label_names(self) -> list[str] | None:
-        """Class names in class-id order; None for regression."""
-        raise NotImplementedError
-
-    @property
-    def is_regression(self) -> bool:
-        """Whether the target is a float score rather than a class id."""
-        return False
-
-    @property
-    def val_names(self) -> list[str]:
-        """Logging prefixes of the validation dataloaders, in order."""
-        return ["val"]
-
-    def build_metrics(self) -> MetricCollection:
-        """A fresh metric collection for this data (see :mod:`melora_lit.training.metrics`)."""
-        raise NotImplementedError
-
-    def _train_split(self) -> Dataset:
-        raise NotImplementedError
-
-    def _val_splits(self) -> list[Dataset]:
-        raise NotImplementedError
-
-    def _test_splits(self) -> list[Dataset]:
-        raise NotImplementedError
-
-    def _predict_split(self) -> Dataset:
-        raise NotImplementedError
-
-    # ---- Lightning hooks ----------------------------------------------------------------
-
-    def prepare_data(self) -> None:
-        # Runs on one process per node: download the tokenizer once before every rank loads it.
-        self._load_tokenizer()
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load_tokenizer()  # a bad tokenizer fails before any data is read
-        if stage in ("fit", None):
-            train = self._train_split()
-            if self.max_train_samples is not None and self.max_train_samples < len(train):
-                train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
-            self.train_dataset = self._tokenize(train)
-        if stage in ("fit", "validate", None):
-            self.val_datasets = [self._tokenize(ds) for ds in self._val_splits()]
-        if stage in ("test", None):
-            self.test_datasets = [self._tokenize(ds) for ds in self._test_splits()]
-        if stage in ("predict", None):
-            self.raw_predict = self._predict_split()
-            self.predict_dataset = self._tokenize(self.raw_predict, with_labels=False)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches (seeded), padded to their longest sequence."""
-        return self._loader(self._ready(self.train_dataset, "fit"), self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """One loader per validation set, named by :attr:`val_names` (a list when several)."""
-        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.val_datasets, "validate")]
-        return loaders[0] if len(loaders) == 1 else loaders
-
-    def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        """Labelled test batches (a list when there are several test sets)."""
-        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.test_datasets, "test")]
-        return loaders[0] if len(loaders) == 1 else loaders
-
-    def predict_dataloader(self) -> DataLoader:
-        """Unlabelled batches, in the order of the rows of :attr:`raw_predict`."""
-        return self._loader(self._ready(self.predict_dataset, "predict"), self.eval_batch_size)
-
-    # ---- plumbing -----------------------------------------------------------------------
-
-    @staticmethod
-    def _ready(data: Any, stage: str) -> Any:
-        if data is None or (isinstance(data, list) and not data):
-            raise RuntimeError(f"the {stage} data is not set up: call setup({stage!r}) first")
-        return data
-
-    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            if self.tokenizer_name is None:
-                raise ValueError(
-                    "tokenizer is not set: pass --data.tokenizer (a hub name or local path) "
-                    "or link it from the model's model_name_or_path"
-                )
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
-            except (OSError, ValueError) as err:
-                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-                hint = (" (HF_HUB_OFFLINE is set: pass a local model directory instead)"
-                        if offline and isinstance(err, OSError) else "")
-                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {_one_line(err)}") from err
-        return self._tokenizer
-
-    def _tokenize(self, ds: Dataset, with_labels: bool = True) -> Dataset:
-        """Token ids of the text columns (pairs for two columns), plus ``labels`` if kept.
-
-        No padding here: :class:`~transformers.DataCollatorWithPadding` pads each batch to its
-        own longest sequence. Datasets backed by cache files reuse the tokenized result.
-        """
-        tokenizer = self._load_tokenizer()
-        columns, max_length = self.text_columns, self.max_length
-
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            # An empty cell (None) is an empty text, not a reason to crash the tokenizer.
-            texts = [["" if t is None else str(t) for t in batch[c]] for c in columns]
-            return tokenizer(*texts, truncation=True, max_length=max_length)
-
-        keep = {"labels"} if with_labels else set()
-        return ds.map(
-            encode,
-            batched=True,
-            remove_columns=[c for c in ds.column_names if c not in keep],
-            desc="Tokenizing",
-        )
-
-    def _collator(self) -> Callable:
-        return DataCollatorWithPadding(self._load_tokenizer())
-
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False,
-                sampler: ResumableSampler | None = None) -> DataLoader:
-        # The train order (``shuffle``, or a given resumable ``sampler``) is a function of (seed,
-        # epoch) and the loader's position is saved in checkpoints, so a run resumed mid-epoch
-        # sees exactly the batches it had not seen. The loader's own seeded generator keeps it
-        # from drawing on the global torch RNG (dropout's): an extra draw there at each epoch
-        # start would make a resumed run differ.
-        if shuffle and sampler is None:
-            sampler = ResumableRandomSampler(ds, self.seed)
-        return (ResumableDataLoader if sampler is not None else DataLoader)(
-            ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=self._collator(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 def _label_names_from_values(values: list[Any], source: str, column: str) -> list[str]:
@@ -281,7 +65,7 @@ def _label_encoder(names: list[str]) -> Callable[[Any], int | None]:
     return to_id
 
 
-class TextClassificationDataModule(_TextDataModuleBase):
+class TextClassificationDataModule(ClassificationDataModule):
     """A user's own text classification data, from local files or a hub dataset.
 
     Files are read by extension: ``.csv``, ``.tsv``, ``.json`` / ``.jsonl`` (JSON lines or a
@@ -393,10 +177,6 @@ class TextClassificationDataModule(_TextDataModuleBase):
         """Number of classes."""
         return len(self.label_names)
 
-    def build_metrics(self) -> MetricCollection:
-        """A fresh ``accuracy`` and macro ``f1`` collection."""
-        return classification_metrics(self.num_labels)
-
     def state_dict(self) -> dict[str, Any]:
         # Saved in checkpoints so that predicting with a checkpoint maps ids to the same names.
         return {"label_names": list(self.label_names)}
@@ -464,7 +244,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
                 raise ValueError(
                     f"cannot load dataset {self.dataset_name!r}"
                     + (f" ({self.dataset_config_name!r})" if self.dataset_config_name else "")
-                    + f": {_one_line(err)}"
+                    + f": {one_line(err)}"
                 ) from err
         return self._hub.get(split)
 
@@ -482,7 +262,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):  # how datasets reports a file without rows
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+            raise ValueError(f"cannot read {path}: {one_line(err)}") from err
 
     @staticmethod
     def _check_columns(ds: Dataset, source: str, required: list[str]) -> None:
@@ -540,7 +320,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
                         test_size=self.val_fraction, seed=self.seed, stratify_by_column="labels"
                     )
                 except ValueError as err:  # a class with too few rows to stratify
-                    rank_zero_warn(f"validation split not stratified ({_one_line(err)})")
+                    rank_zero_warn(f"validation split not stratified ({one_line(err)})")
                     parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
                 train, val = parts["train"], parts["test"]
             self._fit_splits = (train, val)

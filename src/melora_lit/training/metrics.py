@@ -19,8 +19,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-__all__ = ["GLUE_NUM_LABELS", "glue_metrics", "classification_metrics", "TokenMeanLoss", "TokenPerplexity",
-           "language_modeling_metrics", "main_metric"]
+__all__ = ["GLUE_NUM_LABELS", "glue_metrics", "classification_metrics", "regression_metrics", "TokenMeanLoss",
+           "TokenPerplexity", "language_modeling_metrics", "main_metric"]
 
 # Output size per GLUE task; 1 is a regression score (STS-B).
 GLUE_NUM_LABELS: dict[str, int] = {
@@ -50,7 +50,7 @@ def glue_metrics(task: str) -> MetricCollection:
     if task == "cola":
         return MetricCollection({"matthews": BinaryMatthewsCorrCoef()})
     if task == "stsb":
-        return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
+        return regression_metrics()
     if task in ("mrpc", "qqp"):
         return MetricCollection({"accuracy": BinaryAccuracy(), "f1": BinaryF1Score()})
     # average="micro" is plain accuracy; torchmetrics' multiclass default is macro (mean recall).
@@ -75,6 +75,11 @@ def classification_metrics(num_labels: int) -> MetricCollection:
             "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
         }
     )
+
+
+def regression_metrics() -> MetricCollection:
+    """A fresh ``pearson`` and ``spearman`` collection for a regression score (STS-B)."""
+    return MetricCollection({"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()})
 
 
 class TokenMeanLoss(Metric):

@@ -1,101 +1,32 @@
-"""The Lightning side: a LightningModule that puts MELoRA into a frozen transformers backbone."""
+"""The Lightning side: one LightningModule that puts MELoRA into a frozen transformers backbone.
+
+What differs between tasks (the head, metrics, evaluation and ``predict``) is a
+:class:`~melora_lit.training.tasks.Task` (:mod:`~melora_lit.training.classification`,
+:mod:`~melora_lit.training.causal_lm`); the optimizer and schedule are in
+:mod:`~melora_lit.training.optim`; the data side of the contract is
+:class:`~melora_lit.data.base.MELoRADataModule`.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
-import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from .. import __version__
-from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
-from ..adapter.inject import fresh_heads
-from .metrics import classification_metrics, language_modeling_metrics
-from ..sources import resolve_pretrained
+from ..adapter import InjectionSummary, MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict
+from .causal_lm import GenerationOptions
+from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
+from .precision import keep_trainable_float32
+from .tasks import BACKBONE_DTYPES, BackboneSource, load_backbone, make_task
 
-TASKS = ("sequence-classification", "causal-lm")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from ..data.base import MELoRADataModule
 
-
-@dataclass
-class GenerationOptions:
-    """How ``predict`` generates responses with a causal LM (``task: causal-lm``).
-
-    Not stored in checkpoints: the values of the predict run's config apply.
-
-    Args:
-        max_new_tokens: most tokens generated per response.
-        do_sample: sample (with temperature, top_p, top_k) instead of greedy decoding.
-        temperature: sampling temperature.
-        top_p: nucleus sampling: keep the smallest set of tokens with this total probability.
-        top_k: keep only the k most likely tokens when sampling (0: all).
-        repetition_penalty: penalty on tokens already generated (1.0: none).
-    """
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not valid; use an integer >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} is not valid; use a value > 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is not valid; use a value in (0, 1]")
-
-
-def load_backbone(
-    model_name_or_path: str,
-    task: str = "sequence-classification",
-    num_labels: int = 2,
-    label_names: list[str] | None = None,
-    trust_remote_code: bool = False,
-    gguf_file: str | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Load a transformers model by hub name, local path, ``package:MODULE`` or GGUF file (see
-    :mod:`melora_lit.sources`), with a clear error when it can't.
-
-    ``task``: ``sequence-classification`` (a fresh head of ``num_labels`` outputs, 1 = regression)
-    or ``causal-lm`` (the model with its language modeling head; num_labels and label_names are
-    not used).
-    """
-    import transformers
-
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not valid; use one of {', '.join(TASKS)}")
-    model_name_or_path = resolve_pretrained(model_name_or_path, gguf_file)
-    if task == "causal-lm":
-        try:
-            return transformers.AutoModelForCausalLM.from_pretrained(
-                model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
-            )
-        except OSError as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
-            raise ValueError(f"cannot load model {model_name_or_path!r}{hint}: {str(err).splitlines()[0]}") from None
-    config_kwargs: dict[str, Any] = {"num_labels": num_labels}
-    if num_labels == 1:
-        config_kwargs["problem_type"] = "regression"
-    elif label_names:
-        config_kwargs["id2label"] = dict(enumerate(label_names))
-        config_kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
-    try:
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs, **kwargs
-        )
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
-        raise ValueError(f"cannot load model {model_name_or_path!r}{hint}: {str(err).splitlines()[0]}") from None
+__all__ = ["MELoRAModule", "GenerationOptions", "load_backbone"]
 
 
 class MELoRAModule(L.LightningModule):
@@ -113,14 +44,15 @@ class MELoRAModule(L.LightningModule):
         label_names: class names in id order, saved with each checkpoint and used by
             ``predict``. Linked from the data module by the CLI; not used by ``causal-lm``.
         melora: the adapter: rank, number of mini LoRAs, targets, modules to save.
-        learning_rate: peak AdamW learning rate of the adapter.
+        learning_rate: peak learning rate of the adapter (set on its parameter groups, whatever
+            the optimizer).
         head_learning_rate: learning rate of ``modules_to_save`` (the head); default the same.
-        weight_decay: AdamW weight decay; never applied to biases and normalization weights.
-        warmup_ratio: fraction of the training steps with a linear warmup, followed by a
-            linear decay to zero.
+        weight_decay: weight decay of the optimizer; never applied to biases and normalization
+            weights.
+        warmup_ratio: fraction of the training steps with a linear warmup (named schedules).
         warmup_steps: number of warmup steps; overrides ``warmup_ratio`` when set.
-        adam_betas: AdamW betas.
-        adam_eps: AdamW epsilon.
+        adam_betas: AdamW betas (the default optimizer).
+        adam_eps: AdamW epsilon (the default optimizer).
         trust_remote_code: allow the backbone's own code from the hub (off unless set).
         gguf_file: a GGUF file in the ``model_name_or_path`` directory or hub repository (or an
             absolute path): the backbone is dequantized from it once and cached.
@@ -131,13 +63,25 @@ class MELoRAModule(L.LightningModule):
             checkpoints, so each predict run's config decides.
         gradient_checkpointing: recompute the backbone layers' activations in backward
             (non-reentrant) instead of keeping them: less activation memory, more compute.
+        lr_schedule: the learning-rate schedule after the warmup, stepped every optimizer step:
+            ``linear`` (decay to zero at the last step), ``cosine`` (half a cosine down to zero)
+            or ``constant``.
+        optimizer: the optimizer, as ``--optimizer CLASS --optimizer.OPTION VALUE`` (default
+            AdamW with ``adam_betas``, ``adam_eps``). It receives parameter groups whose ``lr``
+            and ``weight_decay`` are ``learning_rate``/``head_learning_rate`` and
+            ``weight_decay`` (setting the optimizer's own ``lr`` or ``weight_decay`` is an error).
+        lr_scheduler: any torch scheduler instead of ``lr_schedule``, as ``--lr_scheduler CLASS
+            --lr_scheduler.OPTION VALUE``; stepped every optimizer step (``ReduceLROnPlateau``:
+            after each validation, on the first validation set's loss).
+        compile: ``torch.compile`` the backbone's forward (the MELoRA layers compile into its
+            graph); the first steps are slower while it compiles.
     """
 
     def __init__(
         self,
         model_name_or_path: str,
         task: Literal["sequence-classification", "causal-lm"] = "sequence-classification",
-        num_labels: int = 2,
+        num_labels: int | None = 2,
         label_names: list[str] | None = None,
         melora: MELoRAConfig | None = None,
         learning_rate: float = 5e-4,
@@ -152,32 +96,35 @@ class MELoRAModule(L.LightningModule):
         backbone_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         generation: GenerationOptions | None = None,
         gradient_checkpointing: bool = False,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,  # noqa: A002 - the option's name, as torch.compile
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
-        if task not in TASKS:
-            raise ValueError(f"task={task!r} is not valid; use one of {', '.join(TASKS)}")
-        if task == "sequence-classification":
-            if num_labels < 1:
-                hint = " (instruction data needs --model.task causal-lm)" if num_labels == 0 else ""
-                raise ValueError(f"num_labels={num_labels} is not valid; use 1 (regression) or the number of "
-                                 f"classes{hint}")
-            if label_names is not None and len(label_names) != num_labels:
-                raise ValueError(f"label_names has {len(label_names)} names but num_labels={num_labels}")
+        self.task = make_task(task, num_labels, label_names, generation)  # validates them
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} is not valid; use a fraction in [0, 1)")
         if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
             raise ValueError(f"warmup_steps={warmup_steps!r} is not valid; use an integer >= 0")
-        if backbone_dtype is not None and backbone_dtype not in _DTYPES:
-            raise ValueError(f"backbone_dtype={backbone_dtype!r} is not valid; use one of {', '.join(_DTYPES)}")
-        # plain types only in hparams, so checkpoints load with weights_only=True; generation
-        # stays out so that a predict run's own settings apply (LightningCLI restores hparams)
-        self.save_hyperparameters(ignore=["melora", "generation"])
-        self.hparams["melora"] = melora.to_dict()
-        self.melora_config = melora
-        self.generation = generation if generation is not None else GenerationOptions()
-        self.label_names = list(label_names) if label_names and task == "sequence-classification" else None
+        if backbone_dtype is not None and backbone_dtype not in BACKBONE_DTYPES:
+            raise ValueError(f"backbone_dtype={backbone_dtype!r} is not valid; use one of {', '.join(BACKBONE_DTYPES)}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not valid; use one of {', '.join(SCHEDULES)}")
+        if optimizer is not None:
+            check_optimizer(optimizer)
+        # Plain types only in hparams, so checkpoints load with weights_only=True. Left out:
+        # generation, so that a predict run's own settings apply (LightningCLI restores hparams);
+        # the optimizer and scheduler callables (the run's config.yaml holds them).
+        self.save_hyperparameters(ignore=["melora", "generation", "optimizer", "lr_scheduler"])
+        self.hparams["melora"] = melora.to_dict()  # the adapter as requested; as injected: melora_config
+        self.backbone_source = BackboneSource(model_name_or_path, trust_remote_code, gguf_file, backbone_dtype)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.data: MELoRADataModule | None = None  # set in setup() when the run has one
         self.model: nn.Module | None = None
+        self.summary: InjectionSummary | None = None
         # Checkpoints hold only the trainable state; the frozen backbone comes from its source.
         self.strict_loading = False
 
@@ -185,23 +132,61 @@ class MELoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # called again by validate/test after fit
             return
-        hp = self.hparams
-        extra = {"dtype": _DTYPES[hp.backbone_dtype]} if hp.get("backbone_dtype") else {}
-        model = load_backbone(hp.model_name_or_path, hp.task, hp.num_labels, self.label_names,
-                              trust_remote_code=hp.trust_remote_code, gguf_file=hp.get("gguf_file"), **extra)
+        model = self.task.load_backbone(self.backbone_source)
+        self.summary = self._inject(model)
+        # the checkpoint's keys and shapes, before sharding splits the tensors (FSDP2) or
+        # renames the modules (FSDP1)
+        state = adapter_state_dict(model, self.summary.modules_to_save)
+        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in state.items()}
+        self.model = self._parallelize(model)
+
+    def _inject(self, model: nn.Module) -> InjectionSummary:
+        """Wrap the targets in MELoRA layers (the task's heads are saved unless the config
+        names its own ``modules_to_save``); the trained parts stay float32."""
         # from_pretrained returns eval mode, and Lightning keeps submodule modes as it finds
         # them: without this the backbone's dropout would stay off during training.
         model.train(self.training)
-        config = self.melora_config
-        if not config.modules_to_save and hp.task == "sequence-classification":
-            heads = [h for h in fresh_heads("SEQ_CLS") if hasattr(model, h)]
-            config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": heads})
-        self.summary = inject_melora(model, config)
-        if hp.get("backbone_dtype") not in (None, "float32"):
-            _trainable_to_float32(model, self.summary.modules_to_save)
-        self.melora_config = config
-        self._scale_out(model)
-        self.model = model
+        config = MELoRAConfig(**self.hparams["melora"])
+        if not config.modules_to_save:
+            config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": self.task.heads(model)})
+        summary = inject_melora(model, config)
+        if self.backbone_source.dtype not in (None, "float32"):
+            keep_trainable_float32(model, summary.modules_to_save)
+        return summary
+
+    def _parallelize(self, model: nn.Module) -> nn.Module:
+        """Gradient checkpointing, FSDP2 sharding under a ModelParallelStrategy (see
+        :mod:`melora_lit.training.strategies`), then ``torch.compile``."""
+        if self.hparams.get("gradient_checkpointing"):
+            from .strategies import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        if self.device_mesh is not None:
+            from .strategies import apply_fsdp2
+
+            apply_fsdp2(model, self.device_mesh)
+        if self.hparams.get("compile"):
+            model.compile()  # in place: the state-dict keys (and so the checkpoints) stay as they are
+        return model
+
+    @property
+    def melora_config(self) -> MELoRAConfig:
+        """The adapter's config: as injected (with the task's heads) once the model is built,
+        else as requested."""
+        return self.summary.config if self.summary is not None else MELoRAConfig(**self.hparams["melora"])
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in id order (``predict``'s labels); None for regression and causal LM."""
+        return self.task.label_names
+
+    @label_names.setter
+    def label_names(self, names: list[str] | None) -> None:
+        self.task.label_names = names
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.task.name == "causal-lm"
 
     def on_fit_start(self) -> None:
         # Not in self.hparams: those must stay the init arguments, which LightningCLI reads
@@ -222,39 +207,21 @@ class MELoRAModule(L.LightningModule):
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 
-    @property
-    def is_regression(self) -> bool:
-        return self.hparams.task == "sequence-classification" and self.hparams.num_labels == 1
-
-    @property
-    def is_causal_lm(self) -> bool:
-        return self.hparams.task == "causal-lm"
-
-    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
-
-    # ----------------------------------------------------------------------------- metrics
+    # ----------------------------------------------------------------------------- data and metrics
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = list(getattr(dm, "val_names", ["val"]))
-        if self.is_causal_lm:
-            if dm is not None and getattr(dm, "num_labels", 0):
-                raise ValueError(f"task='causal-lm' trains on instruction data (InstructionDataModule, "
-                                 f"ChitChatDataModule); {type(dm).__name__} gives class labels")
-            base = language_modeling_metrics()
-        elif dm is not None and hasattr(dm, "build_metrics"):
-            base = dm.build_metrics()
-        else:
-            base = self._default_metrics()
-        self.val_metrics = nn.ModuleList([base.clone(prefix=f"{n}/") for n in names])
-        self.test_metrics = nn.ModuleList([base.clone(prefix=f"{n.replace('val', 'test', 1)}/") for n in names])
-        self._val_names = names
+        from ..data.base import MELoRADataModule  # not at the top: the data package imports training's metrics
 
-    def _default_metrics(self) -> torchmetrics.MetricCollection:
-        if self.is_regression:
-            return torchmetrics.MetricCollection({"pearson": torchmetrics.PearsonCorrCoef(),
-                                                  "spearman": torchmetrics.SpearmanCorrCoef()})
-        return classification_metrics(self.hparams.num_labels)
+        dm = self.trainer.datamodule
+        self.data = dm if isinstance(dm, MELoRADataModule) else None
+        if self.data is not None and self.data.model_task != self.task.name:
+            raise ValueError(f"{type(dm).__name__} is {self.data.model_task} data; it does not fit --model.task "
+                             f"{self.task.name} (pass --model.task {self.data.model_task}, or other data)")
+        val_names = self.data.val_names if self.data is not None else ["val"]
+        test_names = self.data.test_names if self.data is not None else ["test"]
+        base = self.task.build_metrics(self.data)
+        self.val_metrics = nn.ModuleList([base.clone(prefix=f"{n}/") for n in val_names])
+        self.test_metrics = nn.ModuleList([base.clone(prefix=f"{n}/") for n in test_names])
+        self._eval_names = {"val": val_names, "test": test_names}
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -264,118 +231,28 @@ class MELoRAModule(L.LightningModule):
                  sync_dist=True)
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> None:
-        out = self(**batch)
-        metrics = (self.val_metrics if stage == "val" else self.test_metrics)[dataloader_idx]
-        if self.is_causal_lm:
-            # loss and perplexity over the epoch's target tokens: the model's loss is the mean over
-            # this batch's targets (labels shifted by one, -100 ignored), so weigh it by their count
-            num_tokens = (batch["labels"][:, 1:] != -100).sum()
-            metrics.update(out.loss.detach().float() * num_tokens, num_tokens)
-            self.log_dict(metrics, prog_bar=True, on_epoch=True, add_dataloader_idx=False,
-                          batch_size=len(batch["input_ids"]))
-            return
-        metrics.update(self._predictions(out.logits), batch["labels"])
-        prefix = self._val_names[dataloader_idx].replace("val", stage, 1)
-        kw = dict(on_epoch=True, add_dataloader_idx=False, batch_size=len(batch["input_ids"]))
-        self.log(f"{prefix}/loss", out.loss, sync_dist=True, **kw)  # over all processes' batches
-        self.log_dict(metrics, prog_bar=True, **kw)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val")
+        self.task.eval_step(self, batch, self.val_metrics[dataloader_idx], self._eval_names["val"][dataloader_idx])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test")
+        self.task.eval_step(self, batch, self.test_metrics[dataloader_idx], self._eval_names["test"][dataloader_idx])
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
-        batch = {k: v for k, v in batch.items() if k != "labels"}
-        if self.is_causal_lm:
-            return {"response": self.generate(batch["input_ids"], batch.get("attention_mask"))}
-        logits = self(**batch).logits.float()
-        if self.is_regression:
-            return {"prediction": logits.squeeze(-1).tolist()}
-        probs = logits.softmax(-1)
-        score, ids = probs.max(-1)
-        names = self.label_names or [str(i) for i in range(self.hparams.num_labels)]
-        return {"prediction": [names[i] for i in ids.tolist()], "score": score.tolist()}
-
-    def _tokenizer(self):
-        """The data module's tokenizer (pad token set), else the backbone's."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(dm, "tokenizer", None)
-        if tokenizer is None:
-            if getattr(self, "_own_tokenizer", None) is None:
-                from transformers import AutoTokenizer
-
-                tok = AutoTokenizer.from_pretrained(
-                    resolve_pretrained(self.hparams.model_name_or_path, self.hparams.get("gguf_file")))
-                if tok.pad_token is None:
-                    tok.pad_token = tok.eos_token
-                self._own_tokenizer = tok
-            tokenizer = self._own_tokenizer
-        return tokenizer
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
-        """Responses to a batch of left-padded prompts, decoded without special tokens and
-        stripped, with :attr:`generation` settings; stops at the tokenizer's EOS token."""
-        from transformers import GenerationConfig
-
-        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate() needs left-padded prompts (the last position of a row is padding)")
-        tok = self._tokenizer()
-        g = self.generation
-        options: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample,
-                                   "repetition_penalty": g.repetition_penalty,
-                                   "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-        if g.do_sample:
-            options.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-        else:  # a model's own sampling defaults would only draw warnings in greedy mode
-            options.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                  generation_config=GenerationConfig(**options))
-        return [text.strip() for text in tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+        return self.task.predict_step(self, {k: v for k, v in batch.items() if k != "labels"})
 
     # ----------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        saved = tuple(self.summary.modules_to_save)
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_head = any(name == s or name.startswith(s + ".") for s in saved)
-            lr = hp.head_learning_rate if is_head and hp.head_learning_rate is not None else hp.learning_rate
-            # biases and norm weights are 1-D; decaying them hurts and the paper's code does not
-            wd = 0.0 if p.ndim < 2 else hp.weight_decay
-            groups.setdefault((lr, wd), []).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-            lr=hp.learning_rate, betas=tuple(hp.adam_betas), eps=hp.adam_eps,
+        groups = parameter_groups(self.model, self.summary.modules_to_save, hp.learning_rate,
+                                  hp.head_learning_rate, hp.weight_decay)
+        return configure_optimization(
+            groups, self.trainer.estimated_stepping_batches, learning_rate=hp.learning_rate,
+            adam_betas=hp.adam_betas, adam_eps=hp.adam_eps, warmup_ratio=hp.warmup_ratio,
+            warmup_steps=hp.get("warmup_steps"), lr_schedule=hp.get("lr_schedule", "linear"),
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, monitor=f"{self._eval_names['val'][0]}/loss",
         )
-        from transformers import get_linear_schedule_with_warmup
-
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = hp.warmup_steps if hp.get("warmup_steps") is not None else int(hp.warmup_ratio * total)
-        scheduler = get_linear_schedule_with_warmup(optimizer, min(warmup, total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _scale_out(self, model: nn.Module) -> None:
-        """Gradient checkpointing, and FSDP2 sharding under a ModelParallelStrategy (see
-        :mod:`melora_lit.training.strategies`). Records the checkpoint's keys and shapes first: sharding
-        splits the tensors (FSDP2) or renames the modules (FSDP1)."""
-        adapter = adapter_state_dict(model, self.summary.modules_to_save)
-        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter.items()}
-        if self.hparams.get("gradient_checkpointing"):
-            from .strategies import enable_gradient_checkpointing
-
-            enable_gradient_checkpointing(model)
-        if self.device_mesh is not None:
-            from .strategies import apply_fsdp2
-
-            apply_fsdp2(model, self.device_mesh)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only the adapter and the saved modules: a MiniLM checkpoint is ~1 MB, not ~90 MB.
         # (The strategies of melora_lit.training.strategies gather them to full tensors on rank 0.)
@@ -407,43 +284,3 @@ class MELoRAModule(L.LightningModule):
         meta = checkpoint.get("melora", {})
         if meta.get("label_names") and not self.label_names:
             self.label_names = list(meta["label_names"])
-
-
-def _trainable_to_float32(model: nn.Module, modules_to_save: list[str]) -> None:
-    """Keep the trained parameters in float32 under a low-precision backbone (the layer casts
-    them to its compute dtype on the fly; merging adds the update in float32)."""
-    with torch.no_grad():
-        for layer in melora_layers(model).values():
-            layer.lora_A.data = layer.lora_A.data.float()
-            layer.lora_B.data = layer.lora_B.data.float()
-        for name in modules_to_save:
-            saved = model.get_submodule(name).float()
-            # the backbone hands it low-precision activations: compute in float32, hand back
-            # the backbone's dtype (a classifier head's logits included)
-            saved.register_forward_pre_hook(_inputs_to_float32, with_kwargs=True)
-            saved.register_forward_hook(_output_to_input_dtype, with_kwargs=True)
-
-
-def _low_precision_dtype(args: tuple, kwargs: dict) -> torch.dtype | None:
-    for value in (*args, *kwargs.values()):
-        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
-            return value.dtype
-    return None
-
-
-def _inputs_to_float32(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    module._melora_input_dtype = _low_precision_dtype(args, kwargs)
-    if module._melora_input_dtype is None:
-        return args, kwargs
-
-    def cast(v: Any) -> Any:
-        return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
-def _output_to_input_dtype(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    dtype = getattr(module, "_melora_input_dtype", None)
-    if dtype is not None and torch.is_tensor(output) and output.is_floating_point():
-        return output.to(dtype)
-    return output

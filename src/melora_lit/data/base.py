@@ -1,0 +1,278 @@
+"""What :class:`~melora_lit.training.module.MELoRAModule` needs from a data module, written down
+once: :class:`MELoRADataModule`. Every data module of this package implements it.
+
+The contract (abstract members must be provided by a subclass):
+
+=====================  ==========================================================================
+``model_task``         the ``--model.task`` this data trains: ``sequence-classification`` or
+                       ``causal-lm``; the module refuses data of another task before training.
+``num_labels``         output size of a classifier (classes; 1 = regression), None for data
+                       without classes (causal LM). The CLI links it to ``model.num_labels``.
+``label_names``        class names in id order, or None (regression, causal LM). Linked to
+                       ``model.label_names``.
+``val_names``          logging prefix of each validation dataloader, in order (``["val"]``).
+``test_names``         logging prefix of each test dataloader, in order (``["test"]``).
+``build_metrics()``    a fresh ``MetricCollection`` for this data (keys without prefix).
+``tokenizer``          the tokenizer the batches were made with (pad token set).
+``raw_predict``        the untokenized rows of ``predict_dataloader``, in order (after setup).
+=====================  ==========================================================================
+
+A subclass also provides the untokenized splits (``_train_split``, ``_val_splits``,
+``_test_splits``, ``_predict_split``) and how rows become token ids (``_tokenize``); this base
+turns them into dataloaders through ONE loader-building method, :meth:`MELoRADataModule._loader`.
+:class:`ClassificationDataModule` is the shared base of the classification data modules (texts in
+``text_columns``, class ids or scores in ``labels``).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Literal
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from ..sources import resolve_pretrained
+from ..training.metrics import classification_metrics, regression_metrics
+from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
+
+__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int", "one_line"]
+
+DataTask = Literal["sequence-classification", "causal-lm"]
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception, to embed in a one-line error message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    """Raise a one-line ValueError unless ``value`` is an integer >= ``minimum`` (or None if optional)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class MELoRADataModule(L.LightningDataModule, ABC):
+    """The data side of a MELoRA run (see the module docstring for the contract), with the
+    tokenizer, set-up and dataloader plumbing every data module shares."""
+
+    model_task: ClassVar[DataTask]
+
+    def __init__(
+        self,
+        tokenizer: str | None,
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int | None,
+        max_train_samples: int | None,
+        num_workers: int,
+        seed: int,
+        cache_dir: str | None,
+    ) -> None:
+        super().__init__()
+        check_int("max_length", max_length)
+        check_int("batch_size", batch_size)
+        check_int("eval_batch_size", eval_batch_size, optional=True)
+        check_int("max_train_samples", max_train_samples, optional=True)
+        check_int("num_workers", num_workers, minimum=0)
+        # Plain attributes rather than save_hyperparameters(): Lightning refuses to log when a
+        # datamodule hparam and a model hparam share a key with different values, and the
+        # LightningCLI already saves the full config next to the logs.
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_train_samples = max_train_samples
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_datasets: list[Dataset] = []
+        self.test_datasets: list[Dataset] = []
+        self.predict_dataset: Dataset | None = None
+        self.raw_predict: Dataset | None = None
+
+    # ---- the contract -------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def num_labels(self) -> int | None:
+        """Output size of a classifier (1 = regression); None for data without classes."""
+
+    @property
+    @abstractmethod
+    def label_names(self) -> list[str] | None:
+        """Class names in class-id order; None for regression and for data without classes."""
+
+    @property
+    def val_names(self) -> list[str]:
+        """Logging prefixes of the validation dataloaders, in order."""
+        return ["val"]
+
+    @property
+    def test_names(self) -> list[str]:
+        """Logging prefixes of the test dataloaders, in order."""
+        return ["test"]
+
+    @abstractmethod
+    def build_metrics(self) -> MetricCollection:
+        """A fresh metric collection for this data (see :mod:`melora_lit.training.metrics`)."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer the batches are made with, loaded on first use."""
+        return self._load_tokenizer()
+
+    # ---- what a subclass provides -------------------------------------------------------
+
+    @abstractmethod
+    def _train_split(self) -> Dataset: ...
+
+    @abstractmethod
+    def _val_splits(self) -> list[Dataset]: ...
+
+    @abstractmethod
+    def _test_splits(self) -> list[Dataset]: ...
+
+    @abstractmethod
+    def _predict_split(self) -> Dataset: ...
+
+    @abstractmethod
+    def _tokenize(self, ds: Dataset, with_labels: bool = True, split: str = "train") -> Dataset:
+        """Token ids (and ``labels`` if ``with_labels``) of the rows of ``split``."""
+
+    def _collator(self) -> Callable:
+        return DataCollatorWithPadding(self._load_tokenizer())
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: download the tokenizer once before every rank loads it.
+        self._load_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_tokenizer()  # a bad tokenizer fails before any data is read
+        if stage in ("fit", None):
+            train = self._train_split()
+            if self.max_train_samples is not None and self.max_train_samples < len(train):
+                train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
+            self.train_dataset = self._tokenize(train, split="train")
+        if stage in ("fit", "validate", None):
+            self.val_datasets = [self._tokenize(ds, split="val") for ds in self._val_splits()]
+        if stage in ("test", None):
+            self.test_datasets = [self._tokenize(ds, split="test") for ds in self._test_splits()]
+        if stage in ("predict", None):
+            self.raw_predict = self._predict_split()
+            self.predict_dataset = self._tokenize(self.raw_predict, with_labels=False, split="predict")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled train batches (seeded), padded to their longest sequence."""
+        return self._loader(self._ready(self.train_dataset, "fit"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader per validation set, named by :attr:`val_names` (a list when several)."""
+        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.val_datasets, "validate")]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Labelled test batches, named by :attr:`test_names` (a list when several)."""
+        loaders = [self._loader(ds, self.eval_batch_size) for ds in self._ready(self.test_datasets, "test")]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        """Unlabelled batches, in the order of the rows of :attr:`raw_predict`."""
+        return self._loader(self._ready(self.predict_dataset, "predict"), self.eval_batch_size)
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _ready(data: Any, stage: str) -> Any:
+        if data is None or (isinstance(data, list) and not data):
+            raise RuntimeError(f"the {stage} data is not set up: call setup({stage!r}) first")
+        return data
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError(
+                    "tokenizer is not set: pass --data.tokenizer (a hub name or local path) "
+                    "or link it from the model's model_name_or_path"
+                )
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+            except (OSError, ValueError) as err:
+                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+                hint = (" (HF_HUB_OFFLINE is set: pass a local model directory instead)"
+                        if offline and isinstance(err, OSError) else "")
+                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {one_line(err)}") from err
+        return self._tokenizer
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False,
+                sampler: ResumableSampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
+        """The one place where this package builds a DataLoader."""
+        # The train order (``shuffle``, or a given resumable ``sampler``) is a function of (seed,
+        # epoch) and the loader's position is saved in checkpoints, so a run resumed mid-epoch
+        # sees exactly the batches it had not seen. The loader's own seeded generator keeps it
+        # from drawing on the global torch RNG (dropout's): an extra draw there at each epoch
+        # start would make a resumed run differ.
+        if shuffle and sampler is None:
+            sampler = ResumableRandomSampler(ds, self.seed)
+        return (ResumableDataLoader if sampler is not None else DataLoader)(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=collate_fn if collate_fn is not None else self._collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class ClassificationDataModule(MELoRADataModule):
+    """Shared base of the classification data modules: the texts of :attr:`text_columns` (one
+    text, or a pair) tokenized together; class ids (or regression scores) in a ``labels``
+    column."""
+
+    model_task: ClassVar[DataTask] = "sequence-classification"
+    text_columns: tuple[str, ...]
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the target is a float score rather than a class id."""
+        return self.num_labels == 1
+
+    def build_metrics(self) -> MetricCollection:
+        """Pearson and Spearman for regression, else ``accuracy`` and macro ``f1``."""
+        return regression_metrics() if self.is_regression else classification_metrics(self.num_labels)
+
+    def _tokenize(self, ds: Dataset, with_labels: bool = True, split: str = "train") -> Dataset:
+        """Token ids of the text columns (pairs for two columns), plus ``labels`` if kept.
+
+        No padding here: :class:`~transformers.DataCollatorWithPadding` pads each batch to its
+        own longest sequence. Datasets backed by cache files reuse the tokenized result.
+        """
+        tokenizer = self._load_tokenizer()
+        columns, max_length = self.text_columns, self.max_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            # An empty cell (None) is an empty text, not a reason to crash the tokenizer.
+            texts = [["" if t is None else str(t) for t in batch[c]] for c in columns]
+            return tokenizer(*texts, truncation=True, max_length=max_length)
+
+        keep = {"labels"} if with_labels else set()
+        return ds.map(
+            encode,
+            batched=True,
+            remove_columns=[c for c in ds.column_names if c not in keep],
+            desc="Tokenizing",
+        )

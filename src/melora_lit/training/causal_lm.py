@@ -1,0 +1,120 @@
+"""Causal language modeling (``task: causal-lm``, instruction tuning of a decoder): the token loss
+on the response, token-weighted loss and perplexity as metrics, ``predict`` generates responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+from .metrics import language_modeling_metrics
+from .tasks import BackboneSource, Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..data.base import MELoRADataModule
+
+__all__ = ["CausalLM", "GenerationOptions"]
+
+
+@dataclass
+class GenerationOptions:
+    """How ``predict`` generates responses with a causal LM (``task: causal-lm``).
+
+    Not stored in checkpoints: the values of the predict run's config apply.
+
+    Args:
+        max_new_tokens: most tokens generated per response.
+        do_sample: sample (with temperature, top_p, top_k) instead of greedy decoding.
+        temperature: sampling temperature.
+        top_p: nucleus sampling: keep the smallest set of tokens with this total probability.
+        top_k: keep only the k most likely tokens when sampling (0: all).
+        repetition_penalty: penalty on tokens already generated (1.0: none).
+    """
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not valid; use an integer >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} is not valid; use a value > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is not valid; use a value in (0, 1]")
+
+
+class CausalLM(Task):
+    """A decoder trained on response tokens; ``predict`` decodes with :attr:`generation`."""
+
+    name: ClassVar[str] = "causal-lm"
+
+    def __init__(self, generation: GenerationOptions | None = None) -> None:
+        self.generation = generation if generation is not None else GenerationOptions()
+        self._own_tokenizer: PreTrainedTokenizerBase | None = None
+
+    def load_backbone(self, source: BackboneSource) -> nn.Module:
+        import transformers
+
+        return source.from_pretrained(transformers.AutoModelForCausalLM)
+
+    def build_metrics(self, data: MELoRADataModule | None) -> MetricCollection:
+        return language_modeling_metrics()
+
+    def eval_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor], metrics: MetricCollection,
+                  prefix: str) -> None:
+        out = module(**batch)
+        # loss and perplexity over the epoch's target tokens: the model's loss is the mean over
+        # this batch's targets (labels shifted by one, -100 ignored), so weigh it by their count
+        num_tokens = (batch["labels"][:, 1:] != -100).sum()
+        metrics.update(out.loss.detach().float() * num_tokens, num_tokens)
+        module.log_dict(metrics, prog_bar=True, on_epoch=True, add_dataloader_idx=False,
+                        batch_size=len(batch["input_ids"]))
+
+    def predict_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor]) -> dict[str, list]:
+        # the data module's tokenizer made the prompts; without one, the backbone's
+        tokenizer = module.data.tokenizer if module.data is not None else self.tokenizer(module.hparams)
+        return {"response": generate(module.model, tokenizer, self.generation, batch["input_ids"],
+                                     batch.get("attention_mask"))}
+
+    def tokenizer(self, hparams: Any) -> PreTrainedTokenizerBase:
+        """The backbone's own tokenizer (pad token set), for predict without a data module."""
+        if self._own_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = BackboneSource(hparams.model_name_or_path, gguf_file=hparams.get("gguf_file"))
+            tok = AutoTokenizer.from_pretrained(source.path)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            self._own_tokenizer = tok
+        return self._own_tokenizer
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions,
+             input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+    """Responses to a batch of left-padded prompts, decoded without special tokens and stripped;
+    stops at the tokenizer's EOS token."""
+    from transformers import GenerationConfig
+
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate() needs left-padded prompts (the last position of a row is padding)")
+    g = options
+    config: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample,
+                              "repetition_penalty": g.repetition_penalty,
+                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if g.do_sample:
+        config.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    else:  # a model's own sampling defaults would only draw warnings in greedy mode
+        config.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=GenerationConfig(**config))
+    return [text.strip() for text in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]

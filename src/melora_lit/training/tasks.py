@@ -1,0 +1,121 @@
+"""What differs between the tasks that :class:`~melora_lit.training.module.MELoRAModule` trains:
+how the backbone is loaded, which heads are trained with the adapter, which metrics are kept,
+what an evaluation step logs and what ``predict`` returns. One :class:`Task` per ``task:`` value:
+:class:`~melora_lit.training.classification.SequenceClassification` and
+:class:`~melora_lit.training.causal_lm.CausalLM`; :func:`make_task` picks it.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+from ..sources import resolve_pretrained
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from ..data.base import MELoRADataModule
+    from .causal_lm import GenerationOptions
+
+__all__ = ["TASKS", "BACKBONE_DTYPES", "BackboneSource", "Task", "make_task", "load_backbone"]
+
+TASKS = ("sequence-classification", "causal-lm")
+BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where the frozen backbone comes from: a hub name, local path, ``package:MODULE`` or GGUF
+    file (see :mod:`melora_lit.sources`), and how to load it."""
+
+    model_name_or_path: str
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    dtype: str | None = None  # a key of BACKBONE_DTYPES; None: as the checkpoint loads
+
+    @property
+    def path(self) -> str:
+        return resolve_pretrained(self.model_name_or_path, self.gguf_file)
+
+    def from_pretrained(self, auto_class: Any, **kwargs: Any) -> nn.Module:
+        """``auto_class.from_pretrained`` of this source, with a one-line error when it can't."""
+        path = self.path
+        if self.dtype is not None:
+            kwargs["dtype"] = BACKBONE_DTYPES[self.dtype]
+        try:
+            return auto_class.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
+        except OSError as err:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
+            raise ValueError(f"cannot load model {path!r}{hint}: {str(err).splitlines()[0]}") from None
+
+
+class Task(ABC):
+    """The task-specific part of a MELoRA run."""
+
+    name: ClassVar[str]
+    #: class names in id order (classification; restored from a checkpoint when not given)
+    label_names: list[str] | None = None
+
+    @abstractmethod
+    def load_backbone(self, source: BackboneSource) -> nn.Module:
+        """The pretrained model with this task's head."""
+
+    def heads(self, model: nn.Module) -> list[str]:
+        """Modules the backbone builds fresh for this task (trained and saved with the adapter
+        unless the MELoRA config names its own ``modules_to_save``)."""
+        return []
+
+    @abstractmethod
+    def build_metrics(self, data: MELoRADataModule | None) -> MetricCollection:
+        """The metric collection of one evaluation set (keys without prefix)."""
+
+    @abstractmethod
+    def eval_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor], metrics: MetricCollection,
+                  prefix: str) -> None:
+        """Update ``metrics`` with one batch and log them under ``prefix``."""
+
+    @abstractmethod
+    def predict_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor]) -> dict[str, list]:
+        """One batch of ``predict`` results, a list per output column."""
+
+
+def make_task(name: str, num_labels: int | None = None, label_names: list[str] | None = None,
+              generation: GenerationOptions | None = None) -> Task:
+    """The :class:`Task` of a ``task:`` value; a one-line ValueError for a bad one."""
+    if name == "sequence-classification":
+        from .classification import SequenceClassification
+
+        return SequenceClassification(num_labels, label_names)
+    if name == "causal-lm":
+        from .causal_lm import CausalLM
+
+        return CausalLM(generation)
+    raise ValueError(f"task={name!r} is not valid; use one of {', '.join(TASKS)}")
+
+
+def load_backbone(
+    model_name_or_path: str,
+    task: str = "sequence-classification",
+    num_labels: int | None = 2,
+    label_names: list[str] | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+    dtype: str | None = None,
+) -> nn.Module:
+    """Load a transformers model by hub name, local path, ``package:MODULE`` or GGUF file (see
+    :mod:`melora_lit.sources`), with a clear error when it can't.
+
+    ``task``: ``sequence-classification`` (a fresh head of ``num_labels`` outputs, 1 = regression)
+    or ``causal-lm`` (the model with its language modeling head; num_labels and label_names are
+    not used).
+    """
+    source = BackboneSource(model_name_or_path, trust_remote_code, gguf_file, dtype)
+    return make_task(task, num_labels, label_names).load_backbone(source)
