@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
+from .glue_submission import glue_test_split
 from .text_classification import _one_line, _TextDataModuleBase
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]
@@ -120,6 +121,10 @@ class GLUEDataModule(_TextDataModuleBase):
         num_workers: DataLoader worker processes.
         seed: Seed of the train subset and the train shuffling.
         cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
+        predict_split: What ``predict`` reads: ``validation`` (the dev texts), or ``test`` (the
+            unlabelled test split, ``<data_dir>/<TASK>/test.tsv`` or the hub's): then ``predict``
+            also writes the leaderboard's submission file(s), see
+            :mod:`melora_lit.data.glue_submission`.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class GLUEDataModule(_TextDataModuleBase):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str | None = None,
+        predict_split: Literal["validation", "test"] = "validation",
     ) -> None:
         super().__init__(
             tokenizer, max_length, batch_size, eval_batch_size, max_train_samples, num_workers, seed, cache_dir
@@ -142,6 +148,7 @@ class GLUEDataModule(_TextDataModuleBase):
             raise ValueError(f"unknown GLUE task {task!r}; valid tasks: {', '.join(GLUE_TASKS)}")
         self.task = task
         self.data_dir = data_dir
+        self.predict_split = predict_split
         self.spec = _TASKS[task]
         self.text_columns = self.spec.text_columns
         self._data: DatasetDict | None = None
@@ -271,12 +278,16 @@ class GLUEDataModule(_TextDataModuleBase):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The labelled validation set(s): GLUE test sets carry no labels, so GLUE results are
         validation scores (MNLI: a list, matched then mismatched)."""
+        rank_zero_info(f"melora-lit: GLUE test sets carry no labels: `test` reports the labelled dev set(s) of "
+                       f"{self.spec.folder} ({', '.join(self.spec.val_files)})")
         return super().test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The validation texts (MNLI: the matched set), without labels; the rows are in
-        ``raw_predict``."""
+        """The validation texts (MNLI: the matched set), or with ``predict_split="test"`` the test
+        texts, without labels; the rows are in ``raw_predict``."""
         return super().predict_dataloader()
 
     def _predict_split(self) -> Dataset:
+        if self.predict_split == "test":
+            return glue_test_split(self.task, self.data_dir, self.cache_dir)
         return self._splits()[self.spec.hub_val_splits[0]]
