@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from . import __version__
 from .adapter import cpu_kernels
 from .training.prediction import PredictionWriter
+from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
 from .training.module import MELoRAModule
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
@@ -156,7 +157,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": _EXPORT_HELP},
         # always on, not configurable: RNG states and the loader position, back on resume
-        trainer_defaults={"callbacks": [ExactResume()]},
+        # and a learning rate found by LearningRateFinder is the one the run trains with
+        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate()]},
         args=args,
         run=run,
     )
