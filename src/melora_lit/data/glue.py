@@ -290,4 +290,11 @@ class GLUEDataModule(_TextDataModuleBase):
     def _predict_split(self) -> Dataset:
         if self.predict_split == "test":
             return glue_test_split(self.task, self.data_dir, self.cache_dir)
-        return self._splits()[self.spec.hub_val_splits[0]]
+        dev = self._splits()[self.spec.hub_val_splits[0]]
+        names = self.spec.label_names
+        if names is None:
+            return dev
+        # the dev labels by name, as `predict` writes its predictions
+        features = dev.features.copy()
+        features["label"] = Value("string")
+        return dev.map(lambda batch: {"label": [names[i] for i in batch["label"]]}, batched=True, features=features)

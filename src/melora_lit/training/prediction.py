@@ -22,7 +22,6 @@ class PredictionWriter(BasePredictionWriter):
             columns plus, for a classifier, ``prediction`` (a label name, or a score for
             regression) and ``score`` (the predicted class probability); for a causal LM
             (``task: causal-lm``), ``instruction``, ``input`` and the generated ``response``.
-            An input ``label`` column of class ids is written as label names, like ``prediction``.
         submission_dir: where a GLUE test split's leaderboard files go (``RTE.tsv``, ...; see
             :mod:`melora_lit.data.glue_submission`); default ``glue_submission/`` beside the
             predictions file.
@@ -50,12 +49,9 @@ class PredictionWriter(BasePredictionWriter):
             batch_indices = batch_indices[0]
         rows: dict[int, dict[str, Any]] = {}
         raw = getattr(trainer.datamodule, "raw_predict", None) if trainer.datamodule is not None else None
-        label_names = getattr(pl_module, "label_names", None)
         for out, indices in zip(predictions, batch_indices):
             for j, i in enumerate(indices):
                 row = dict(raw[int(i)]) if raw is not None else {"index": int(i)}
-                if label_names and isinstance(row.get("label"), int) and 0 <= row["label"] < len(label_names):
-                    row["label"] = label_names[row["label"]]  # the same vocabulary as `prediction`
                 row.update({k: v[j] for k, v in out.items()})
                 rows[int(i)] = row
         default = "predictions.jsonl" if getattr(pl_module, "is_causal_lm", False) else "predictions.csv"
@@ -78,7 +74,7 @@ class PredictionWriter(BasePredictionWriter):
         self.written = path
         print(f"melora-lit: wrote {len(ordered)} predictions to {path}")
         if ordered and SUBMISSION_COLUMN in ordered[0]:
-            self._write_submission(trainer, ordered, label_names, path)
+            self._write_submission(trainer, ordered, getattr(pl_module, "label_names", None), path)
 
     def _write_submission(self, trainer: L.Trainer, rows: list[dict[str, Any]], label_names: list[str] | None,
                           predictions_file: Path) -> None:
