@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import csv
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import pty
@@ -64,7 +65,7 @@ def _only_run(root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ 13.4
 def test_version_and_the_commented_config():
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = importlib.metadata.version("melora-lit")  # the installed distribution's
     out = run_cli("--version")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"melora-lit {version}"

@@ -54,6 +54,7 @@ class LogLineProgress(ProgressBar):
         self._enabled = True
         self._reset_window()
         self._start_time = 0.0
+        self._last_step = 0  # the optimizer step the last batch ended at
 
     # ProgressBar's interface: the learning-rate finder and non-zero ranks turn it off
     def disable(self) -> None:
@@ -74,7 +75,6 @@ class LogLineProgress(ProgressBar):
         self._window_steps = 0
         self._tokens = 0
         self._window_time = time.monotonic()
-        self._last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_time = time.monotonic()
@@ -99,7 +99,6 @@ class LogLineProgress(ProgressBar):
         if step % self.every_n_steps == 0 or step == trainer.max_steps:
             self.print(self._train_line(trainer, step))
             self._reset_window()
-            self._last_step = step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._enabled and self._window_steps:  # the steps since the last line
@@ -134,8 +133,9 @@ class LogLineProgress(ProgressBar):
         metrics = {k: v for k, v in trainer.callback_metrics.items()
                    if k.startswith("val") and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
         shown = ", ".join(f"{k} {_number(float(v))}" for k, v in sorted(metrics.items()))
-        where = f"step {trainer.global_step} epoch {trainer.current_epoch + 1}" if trainer.state.fn == "fit" else ""
-        self.print(f"validation {where}: {shown}".replace("validation :", "validation:"))
+        head = f"validation step {trainer.global_step} epoch {trainer.current_epoch + 1}" \
+            if trainer.state.fn == "fit" else "validation"
+        self.print(f"{head}: {shown}")
 
 
 def job_log_progress(trainer_config: dict[str, Any], progress: LogLineProgress | None,
