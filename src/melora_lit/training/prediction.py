@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predict`` results next to the input rows.
@@ -20,12 +22,17 @@ class PredictionWriter(BasePredictionWriter):
             columns plus, for a classifier, ``prediction`` (a label name, or a score for
             regression) and ``score`` (the predicted class probability); for a causal LM
             (``task: causal-lm``), ``instruction``, ``input`` and the generated ``response``.
+        submission_dir: where a GLUE test split's leaderboard files go (``RTE.tsv``, ...; see
+            :mod:`melora_lit.data.glue_submission`); default ``glue_submission/`` beside the
+            predictions file.
     """
 
-    def __init__(self, output_file: str | None = None) -> None:
+    def __init__(self, output_file: str | None = None, submission_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output_file = output_file
+        self.submission_dir = submission_dir
         self.written: Path | None = None
+        self.submission: list[Path] = []
 
     def write_on_epoch_end(
         self,
@@ -66,3 +73,15 @@ class PredictionWriter(BasePredictionWriter):
         tmp.replace(path)  # never leave a half-written predictions file behind
         self.written = path
         print(f"melora-lit: wrote {len(ordered)} predictions to {path}")
+        if ordered and SUBMISSION_COLUMN in ordered[0]:
+            self._write_submission(trainer, ordered, getattr(pl_module, "label_names", None), path)
+
+    def _write_submission(self, trainer: L.Trainer, rows: list[dict[str, Any]], label_names: list[str] | None,
+                          predictions_file: Path) -> None:
+        if trainer.world_size > 1:  # each process holds a part of the test rows
+            print("melora-lit: GLUE submission files need the whole test split: run predict with one device")
+            return
+        folder = Path(self.submission_dir) if self.submission_dir else predictions_file.parent / "glue_submission"
+        self.submission = write_submission(rows, folder, label_names)
+        for path in self.submission:
+            print(f"melora-lit: wrote the GLUE leaderboard file {path}")
