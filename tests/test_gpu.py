@@ -123,10 +123,14 @@ def test_adapter_file_moves_between_cuda_and_cpu(tmp_path, direction):
     load_adapter(fresh, tmp_path / "adapter")
     assert all(p.device.type == dst_dev for p in fresh.parameters())
     ids = torch.randint(1, 99, (3, 9))
+
+    def last_hidden(model: nn.Module, device: str) -> torch.Tensor:
+        out = model.eval()(input_ids=ids.to(device), output_hidden_states=True)
+        return out.hidden_states[-1].double().cpu()
+
     with torch.no_grad():
-        want = trained.eval()(input_ids=ids.to(src_dev)).logits.double().cpu()
-        got = fresh.eval()(input_ids=ids.to(dst_dev)).logits.double().cpu()
-        plain = tiny_bert(seed=0)(input_ids=ids).logits.double()
+        want, got = last_hidden(trained, src_dev), last_hidden(fresh, dst_dev)
+        plain = last_hidden(tiny_bert(seed=0), "cpu")
     assert float((got - want).abs().max()) < 1e-4
     assert float((want - plain).abs().max()) > 1e-3  # the adapter changes the output
 

@@ -79,4 +79,5 @@ def test_glue_runs_and_report(smoke):
     g = smoke[0]["glue"]
     assert {(r["task"], r["method"]) for r in g["runs"]} == {("rte", m) for m in ("lora", "melora-n8", "melora-n2")}
     assert all(r["status"] == "done" for r in g["runs"]), g["runs"]
-    assert len(g["report"]) == 3  # one report row per method
+    assert len(g["report"]) == 3  # one report row per run
+    assert all(0 <= float(r["best"]) <= 1 for r in g["report"])  # each validated: an accuracy
