@@ -175,11 +175,13 @@ def test_mixed_precision_training_on_cuda_follows_fp32(gpu_runs, precision):
     assert lora and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in lora.values())
     assert all(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B"))  # B starts at 0
     ref_lora = dict(ref["cli"].model.named_parameters())
-    # 2 epochs of 16-bit matmuls stay close to the fp32 run, far closer than the distance travelled
+    # 12 steps with 16-bit matmuls stay close to the fp32 run: B (which starts at 0) within a
+    # quarter of the way it travelled, A (kaiming) within a tenth of its norm
     for k, v in lora.items():
-        travelled = float(ref_lora[k].detach().norm())
-        assert float((v.detach() - ref_lora[k].detach()).norm()) < 0.1 * travelled + 1e-3, k
-    assert abs(run["val_loss"] - ref["val_loss"]) < 0.02 * abs(ref["val_loss"]) + 1e-3
+        size = float(ref_lora[k].detach().norm())
+        bound = 0.25 * size if k.endswith("lora_B") else 0.1 * size
+        assert float((v.detach() - ref_lora[k].detach()).norm()) < bound, k
+    assert abs(run["val_loss"] - ref["val_loss"]) < 0.05 * abs(ref["val_loss"]) + 1e-3
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
