@@ -11,8 +11,8 @@ import torch
 import torchmetrics
 from torch import nn
 
-from .. import __version__
-from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
+from ..adapter import MELoRAConfig, inject_melora, melora_layers
+from .checkpoints import load_adapter_state, record_adapter_shapes, save_adapter_state
 from .metrics import classification_metrics, language_modeling_metrics
 from ..sources import resolve_pretrained
 
@@ -366,7 +366,7 @@ class MELoRAModule(L.LightningModule):
         """Gradient checkpointing, and FSDP2 sharding under a ModelParallelStrategy (see
         :mod:`melora_lit.training.strategies`). Records the checkpoint's keys and shapes first: sharding
         splits the tensors (FSDP2) or renames the modules (FSDP1)."""
-        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
+        record_adapter_shapes(self, model)
         if self.hparams.get("gradient_checkpointing"):
             from .strategies import enable_gradient_checkpointing
 
@@ -377,36 +377,10 @@ class MELoRAModule(L.LightningModule):
             apply_fsdp2(model, self.device_mesh)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep only the adapter and the saved modules: a MiniLM checkpoint is ~1 MB, not ~90 MB.
-        # (The strategies of melora_lit.training.strategies gather them to full tensors on rank 0.)
-        keep = self._checkpoint_shapes
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["melora"] = {
-            "config": self.melora_config.to_dict(),
-            "base_model_name_or_path": self.hparams.model_name_or_path,
-            "label_names": self.label_names,
-            "melora_lit_version": __version__,
-        }
+        save_adapter_state(self, checkpoint)  # the format: melora_lit.training.checkpoints
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from .strategies import check_state_shapes, is_sharded, load_full_state
-
-        # Lightning's own FSDP and ModelParallel strategies load (and pop) the state dict
-        # themselves; those of melora_lit.training.strategies leave it here.
-        if "state_dict" in checkpoint and self._trainer is not None and is_sharded(self.trainer.strategy.model):
-            state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-            check_state_shapes(state, self._checkpoint_shapes)  # one line naming the mismatch
-            load_full_state(self.trainer.strategy.model, state)  # each rank keeps its shard
-        elif "state_dict" in checkpoint:
-            state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-            try:
-                # validates keys and shapes with a message that names the mismatch
-                load_adapter_state_dict(self.model, state)
-            except ValueError as err:
-                raise ValueError(f"checkpoint does not fit this model: {err}") from None
-        meta = checkpoint.get("melora", {})
-        if meta.get("label_names") and not self.label_names:
-            self.label_names = list(meta["label_names"])
+        load_adapter_state(self, checkpoint)
 
 
 def _trainable_to_float32(model: nn.Module) -> None:
