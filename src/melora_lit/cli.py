@@ -156,6 +156,8 @@ class MELoRACLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(save_dir=root, version=self._logger_version)  # Lightning's default
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
+        if not trainer.loggers:  # --trainer.logger false: nothing to log learning rates to
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer
 
     def before_fit(self) -> None:
@@ -311,6 +313,7 @@ def main() -> None:
         cli_main()
     except SIGTERMException:
         # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md)
+        preemption.exiting()
         sys.exit(EXIT_PREEMPTED)
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("MELORA_LIT_DEBUG"):

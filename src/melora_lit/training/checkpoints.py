@@ -449,6 +449,16 @@ class _Preemption:
     def stopping(self) -> None:
         self.is_stopping = True
 
+    def exiting(self) -> None:
+        """The run stopped for a signal and the process exits now: ignore more of them at the OS
+        level (Python's shutdown resets a Python handler to the default, which would end the
+        process by SIGTERM, status 143, instead of :data:`EXIT_PREEMPTED`)."""
+        self.is_stopping = True
+        if _in_main_thread():
+            for name in ("SIGTERM", "SIGUSR1"):
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.is_stopping or signal.getsignal(signum) != self._on_sigterm:
             return  # stopping already, or called by Lightning's handler, which stops the run
