@@ -167,8 +167,19 @@ def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_
     assert _load(ckpts / "last.ckpt")["global_step"] == 12
     assert not stale.exists() and not extra.exists()
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=1-step=12.ckpt", "last.ckpt"]
-    if logger == "CSVLogger":
-        assert (root / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+    if logger == "CSVLogger":  # melora-lit report reads CSV logs too
+        final = re.search(r"melora-lit: after 12 steps: val/accuracy ([\d.]+)", proc.stderr).group(1)
+        run = root / "lightning_logs" / "version_0"
+        shutil.rmtree(run / "checkpoints")  # (a copy without the TensorBoard events of epoch 0)
+        for events in run.glob("events.out.tfevents.*"):
+            events.unlink()
+        report = run_cli("report", str(run), "--output", str(root / "report"))
+        assert report.returncode == 0, report.stderr[-2000:]
+        import csv
+
+        rows = list(csv.DictReader(open(root / "report" / "report.csv")))
+        assert len(rows) == 1 and rows[0]["metric"] == "val/accuracy"
+        assert f"{float(rows[0]['best']):.4g}" == final
 
 
 def _dead_pid() -> int:
@@ -238,3 +249,46 @@ def test_a_second_sigterm_changes_nothing(base, tmp_path, gap):
     last = _load(ckpts / "last.ckpt")
     assert 1 <= last["global_step"] < 18
     assert not list(ckpts.glob(".ckpt-tmp-*"))
+
+
+def test_a_run_killed_in_its_first_checkpoint_write_is_found_and_its_temp_file_removed(tmp_path):
+    """No last.ckpt, only the temp file of a dead writer: ``last`` has nothing to resume, the temp
+    file goes, and ``auto`` is told to start that run again in its own folder. A live writer's
+    temp file (this process) and an older run's files are left alone."""
+    from melora_lit.training.run_folders import find_last
+
+    logs = tmp_path / "lightning_logs"
+    older = logs / "version_0" / "checkpoints"
+    older.mkdir(parents=True)
+    (older / "last.ckpt").write_bytes(b"older run")
+    dead = logs / "version_1" / "checkpoints"
+    dead.mkdir(parents=True)
+    (dead / f".ckpt-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de").write_bytes(b"half")
+    assert find_last(None, logs, tmp_path / "checkpoints") == (None, logs / "version_1")
+    assert not dead.exists() and (older / "last.ckpt").read_bytes() == b"older run"
+    live = logs / "version_2" / "checkpoints"
+    live.mkdir(parents=True)
+    (live / f".ckpt-tmp-{socket.gethostname()}-{os.getppid()}-0badc0de").write_bytes(b"being written")
+    assert find_last(None, logs, None) == (older / "last.ckpt", None)  # version_2 is not dead: skipped
+    assert len(list(live.iterdir())) == 1
+
+
+def test_a_sharded_checkpoint_folder_resumes_through_the_cli(base, tmp_path):
+    """FSDP2 with ``save_distributed_checkpoint: true`` writes Lightning's sharded folder (one file
+    per rank): ``--ckpt_path last`` finds it, checks it (its ``meta.pt``) and the 2-process run
+    continues it in its folder."""
+    root = tmp_path / "sharded"
+    args = ["fit", "--config", str(base["cfg"]), "--config", str(Path(__file__).parents[1] / "configs/strategy/fsdp2.yaml"),
+            "--trainer.devices", "2", "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
+            "--trainer.default_root_dir", str(root)]
+    first = run_cli(*args, "--trainer.max_epochs", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
+    assert _load(last / "meta.pt")["global_step"] == 3  # 48 rows, 2 processes of batch 8
+    again = run_cli(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(f"resuming from {last}") == 1
+    assert "melora-lit: after 6 steps" in again.stderr
+    assert _load(last / "meta.pt")["global_step"] == 6
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]

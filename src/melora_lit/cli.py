@@ -106,18 +106,20 @@ class MELoRACLI(LightningCLI):
         log_root = _log_root(specs, root)
         dirpath = cfg.get("checkpoint", {}).get("dirpath")
         ckpt = cfg.get("ckpt_path")
-        found = None
+        found = dead = None
         if ckpt in (LAST, LAST_OR_NEW):
-            found = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
-                              root / "checkpoints")
+            found, dead = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
+                                    root / "checkpoints")
             if found is None and ckpt == LAST:
                 where = dirpath or log_root or root
-                raise ValueError(f"--ckpt_path last: no run under {where} has a last checkpoint (last*.ckpt) to resume; "
-                                 f"start a new run without --ckpt_path, or use --ckpt_path auto (resume if there is "
-                                 f"one, else start)")
+                why = (f"the newest run {dead} was killed in its first checkpoint write (its temp file is removed)"
+                       if dead is not None else f"no run under {where} has a last checkpoint (last*.ckpt)")
+                raise ValueError(f"--ckpt_path last: {why}; nothing to resume: start a new run without --ckpt_path, "
+                                 f"or use --ckpt_path auto (resume if there is a checkpoint, else start)")
             if found is not None:
                 read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
-                print(f"melora-lit: resuming from {found}", file=sys.stderr)
+                if rank_zero_only.rank == 0:
+                    print(f"melora-lit: resuming from {found}", file=sys.stderr)
             cfg.ckpt_path = str(found) if found is not None else None
         resumed_run = found.parent.parent if found is not None and self.subcommand == "fit" else None
         if specs is None:  # no logger: a resumed run keeps writing its checkpoints where they are
@@ -126,8 +128,10 @@ class MELoRACLI(LightningCLI):
             return
         if any(_spec_version(s) is not None for s in specs):
             return  # the user chose the folder
-        if resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
-            version: int | str | None = version_of(resumed_run)
+        if dead is not None and self.subcommand == "fit" and log_root is not None and dead.parent == log_root:
+            version: int | str | None = version_of(dead)  # started again in its own folder
+        elif resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
+            version = version_of(resumed_run)
         elif not allocate:
             return
         elif not specs and SLURMEnvironment.detect() and SLURMEnvironment.job_id() is not None:

@@ -81,7 +81,9 @@ def save_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) ->
     ~1 MB, not ~90 MB; the strategies of :mod:`melora_lit.training.strategies` gather them to full
     tensors on rank 0) and add the ``melora`` entry."""
     keep = module._checkpoint_shapes
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    if not any(type(v).__name__ in ("DTensor", "ShardedTensor") for v in checkpoint["state_dict"].values()):
+        # (a sharded checkpoint folder keeps Lightning's format, the whole model: it loads it whole)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint["melora"] = {
         "config": module.melora_config.to_dict(),
         "base_model_name_or_path": module.hparams.model_name_or_path,

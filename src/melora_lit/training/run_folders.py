@@ -19,7 +19,8 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["LAST", "LAST_OR_NEW", "allocate_version", "find_last", "remove_failed_run", "version_of"]
+__all__ = ["LAST", "LAST_OR_NEW", "allocate_version", "died_in_first_write", "find_last", "remove_failed_run",
+           "version_of"]
 
 #: ``--ckpt_path last``: continue the newest run; an error when there is none.
 LAST = "last"
@@ -64,8 +65,11 @@ def _last_files(checkpoints: Path) -> list[Path]:
     return sorted(checkpoints.glob("last*.ckpt"), key=_mtime, reverse=True)
 
 
-def find_last(dirpath: Path | None, log_root: Path | None, default_dir: Path | None) -> Path | None:
-    """The ``last*.ckpt`` that ``--ckpt_path last`` resumes, or None when no run has one.
+def find_last(dirpath: Path | None, log_root: Path | None,
+              default_dir: Path | None) -> tuple[Path | None, Path | None]:
+    """``(last, dead)``: the ``last*.ckpt`` that ``--ckpt_path last`` resumes (None when no run
+    has one), and the newest run folder when that run died in its first checkpoint write
+    (:func:`died_in_first_write`), which ``auto`` starts again in place.
 
     With an explicit ``--checkpoint.dirpath``, the newest ``last*.ckpt`` in it. Otherwise the
     newest run: the highest ``version_N`` under ``log_root`` (the logger's ``save_dir/name``)
@@ -74,18 +78,20 @@ def find_last(dirpath: Path | None, log_root: Path | None, default_dir: Path | N
     instead of the newest one, even when the newest one's file cannot be read."""
     if dirpath is not None:
         files = _last_files(dirpath)
-        return files[0] if files else None
+        return (files[0] if files else None), None
     candidates = []
     for _, run in reversed(_versions(log_root) if log_root is not None else []):
         files = _last_files(run / "checkpoints")
         if files:
             candidates.append(files[0])
             break
+        if died_in_first_write(run):
+            return None, run  # the newest run has nothing to resume
     if default_dir is not None:
         candidates += _last_files(default_dir)[:1]
     if not candidates:
-        return None
-    return max(candidates, key=_mtime)
+        return None, None
+    return max(candidates, key=_mtime), None
 
 
 def _mtime(path: Path) -> float:
@@ -93,6 +99,23 @@ def _mtime(path: Path) -> float:
         return path.lstat().st_mtime
     except OSError:
         return 0.0
+
+
+def died_in_first_write(run: Path) -> bool:
+    """Whether ``run`` was killed while writing its first checkpoint: its checkpoint folder holds
+    only temp files of writes whose process (on this host) is gone. Those are removed: such a run
+    is started again in its own folder by ``--ckpt_path auto``."""
+    from .checkpoints import TMP_PREFIX, remove_stale_temp_files
+
+    folder = run / "checkpoints"
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if not entries or not all(p.name.startswith(TMP_PREFIX) for p in entries):
+        return False
+    remove_stale_temp_files(folder)
+    if any(folder.iterdir()):
+        return False  # a write in progress: a live run
+    folder.rmdir()
+    return True
 
 
 def remove_failed_run(folder: Path) -> bool:
