@@ -407,7 +407,7 @@ def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fa
             "--data.val_size", "4", "--data.batch_size", "4", "--data.max_length", "64",
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
             "--trainer.enable_progress_bar", "false"]
-    good = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "good"))
+    good = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "good"), timeout=900)
     assert good.returncode == 0, good.stderr[-3000:]
     run = tmp_path / "good" / "lightning_logs" / "version_0"
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -416,7 +416,8 @@ def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fa
         k for k in last["callbacks"] if k.startswith("ResumableCheckpoint"))
     assert state["best_model_path"].endswith(".ckpt") and Path(state["best_model_path"]).is_file()
 
-    bad = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "bad"), "--checkpoint.monitor", "val/accuracy")
+    bad = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "bad"), "--checkpoint.monitor", "val/accuracy",
+                  timeout=900)
     lines = [line for line in bad.stderr.splitlines() if line.startswith("melora-lit: error:")]
     assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert lines[0] == ("melora-lit: error: checkpoint.monitor='val/accuracy' is never logged by this run (task "

@@ -355,7 +355,7 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
                   f"{last['global_step']}, max abs diff to the reference {diff:.3g}")
             assert diff == 0.0
             resume = ["--ckpt_path", "last"]
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, *resume)
+    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, *resume, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _load(ckpts / "last.ckpt")
     diff = _max_diff(final, reference["last"])
@@ -366,7 +366,7 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
     assert not (root / "lightning_logs" / "version_1").exists()
 
 
-def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: float, timeout: float = 240) -> None:
+def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: float, timeout: float = 900) -> None:
     """Until this process has written the checkpoint of ``step`` (one written before ``since``,
     by an earlier process, does not count)."""
     deadline = time.monotonic() + timeout

@@ -71,6 +71,7 @@ def _copy(base: dict, name: str) -> Path:
 
 
 def _fit(base: dict, root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", 900)  # a loaded machine: the default 300 s is too short for some runs
     return run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
                    "--checkpoint.every_n_train_steps", "2", *args, **kw)
 
@@ -173,7 +174,7 @@ def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_
         shutil.rmtree(run / "checkpoints")  # (a copy without the TensorBoard events of epoch 0)
         for events in run.glob("events.out.tfevents.*"):
             events.unlink()
-        report = run_cli("report", str(run), "--output", str(root / "report"))
+        report = run_cli("report", str(run), "--output", str(root / "report"), timeout=900)
         assert report.returncode == 0, report.stderr[-2000:]
         import csv
 
@@ -281,12 +282,12 @@ def test_a_sharded_checkpoint_folder_resumes_through_the_cli(base, tmp_path):
     args = ["fit", "--config", str(base["cfg"]), "--config", str(Path(__file__).parents[1] / "configs/strategy/fsdp2.yaml"),
             "--trainer.devices", "2", "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
             "--trainer.default_root_dir", str(root)]
-    first = run_cli(*args, "--trainer.max_epochs", "1")
+    first = run_cli(*args, "--trainer.max_epochs", "1", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
     assert _load(last / "meta.pt")["global_step"] == 3  # 48 rows, 2 processes of batch 8
-    again = run_cli(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    again = run_cli(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count(f"resuming from {last}") == 1
     assert "melora-lit: after 6 steps" in again.stderr

@@ -47,7 +47,6 @@ __all__ = [
     "EXIT_PREEMPTED",
     "AtomicCheckpointIO",
     "ResumableCheckpoint",
-    "check_checkpoint_file",
     "check_resume",
     "check_state_shapes",
     "load_adapter_state",
@@ -104,13 +103,21 @@ def load_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) ->
         state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         check_state_shapes({k[len("model."):]: v for k, v in state.items()},
                            {k[len("model."):]: s for k, s in module._checkpoint_shapes.items()})
-        if module._trainer is not None and is_sharded(module.trainer.strategy.model):
+        trainer = _attached_trainer(module)
+        if trainer is not None and is_sharded(trainer.strategy.model):
             load_full_state(module.trainer.strategy.model, state)  # each rank keeps its shard
         else:
             load_adapter_state_dict(module.model, {k[len("model."):]: v for k, v in state.items()})
     meta = checkpoint.get("melora", {})
     if meta.get("label_names") and not module.label_names:
         module.label_names = list(meta["label_names"])
+
+
+def _attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    try:
+        return module.trainer  # Lightning raises when the module is not attached (export)
+    except RuntimeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -194,9 +201,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} is empty (an interrupted copy?)")
     return _check_contents(path, _load(path, file), sharded=False)
 
-
-#: The name the strategies and older code use.
-check_checkpoint_file = read_checkpoint
 
 
 def _load(path: str | os.PathLike, file: Path) -> Any:
