@@ -330,6 +330,7 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
     mid_write = 0
     for kill, moment in enumerate(moments, start=1):
         done = _load(ckpts / "last.ckpt")["global_step"] if (ckpts / "last.ckpt").exists() else 0
+        left = {p.name for p in ckpts.glob(".ckpt-tmp-*")}  # by the previous kill: the run removes them
         started = time.time()
         proc = _start(cfg, *resume)
         if moment == "startup":
@@ -338,11 +339,11 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
             _wait_for_new_step(proc, ckpts, done + 1 + (kill == 1), started)  # it trains past where it resumed
             if moment == "write":
                 deadline = time.monotonic() + 60
-                while not list(ckpts.glob(".ckpt-tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+                while not _writing(ckpts, left) and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.0005)
             else:
                 time.sleep(rng.uniform(0.0, 0.15))
-        writing = bool(list(ckpts.glob(".ckpt-tmp-*")))
+        writing = _writing(ckpts, left)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         proc.stderr.close()
@@ -364,6 +365,11 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
     assert final["global_step"] == TOTAL_STEPS and diff == 0.0
     assert not list(ckpts.glob(".ckpt-tmp-*"))
     assert not (root / "lightning_logs" / "version_1").exists()
+
+
+def _writing(ckpts: Path, left: set[str]) -> bool:
+    """Whether a checkpoint write of this process is in progress (its temp file exists)."""
+    return any(p.name not in left for p in ckpts.glob(".ckpt-tmp-*"))
 
 
 def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: float, timeout: float = 900) -> None:
