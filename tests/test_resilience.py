@@ -377,7 +377,7 @@ def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: fl
     by an earlier process, does not count)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for path in ckpts.glob(f"epoch=*-step={step}.ckpt"):
+        for path in ckpts.glob(f"epoch=*-step={step}*.ckpt"):  # -v1: rewritten after a resume
             try:
                 if path.stat().st_mtime >= since:
                     return
