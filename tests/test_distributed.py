@@ -307,7 +307,7 @@ def test_optimizer_state_positions_and_names_round_trip():
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line():
-    from melora_lit.training.strategies import check_state_shapes
+    from melora_lit.training.checkpoints import check_state_shapes
 
     expected = {"model.a.lora_A": (4, 2, 16), "model.classifier.weight": (2, 64)}
     good = {"model.a.lora_A": torch.zeros(4, 2, 16), "model.classifier.weight": torch.zeros(2, 64)}

@@ -405,3 +405,35 @@ def test_data_of_another_task_is_refused_before_the_first_step(tmp_path, tiny_ll
                                          "fit --model.task causal-lm"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
+
+
+def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fails_before_training(tmp_path,
+                                                                                                     tiny_llama):
+    """Without --config the quickstart (a classifier's) is the default: its val/accuracy monitor
+    must not reach a causal LM, which gets val/loss, min, and a best checkpoint. A monitor the
+    run never logs is a one-line error before the first step, and leaves no run folder."""
+    from support import run_cli
+
+    train = _write_json(tmp_path / "train.json", _records(24))
+    args = ["fit", "--model.task", "causal-lm", "--model.model_name_or_path", tiny_llama,
+            "--model.melora.target_modules", "[q_proj, v_proj]", "--model.melora.r", "2",
+            "--data", "melora_lit.data.InstructionDataModule", "--data.train_file", str(train),
+            "--data.val_size", "4", "--data.batch_size", "4", "--data.max_length", "64",
+            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--trainer.enable_progress_bar", "false"]
+    good = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "good"), timeout=900)
+    assert good.returncode == 0, good.stderr[-3000:]
+    run = tmp_path / "good" / "lightning_logs" / "version_0"
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ResumableCheckpoint"))
+    assert state["monitor"] == "val/loss" and "'mode': 'min'" in next(
+        k for k in last["callbacks"] if k.startswith("ResumableCheckpoint"))
+    assert state["best_model_path"].endswith(".ckpt") and Path(state["best_model_path"]).is_file()
+
+    bad = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "bad"), "--checkpoint.monitor", "val/accuracy",
+                  timeout=900)
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("melora-lit: error:")]
+    assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert lines[0] == ("melora-lit: error: checkpoint.monitor='val/accuracy' is never logged by this run (task "
+                        "causal-lm); use one of val/loss, val/perplexity")
+    assert not list((tmp_path / "bad").rglob("*.ckpt")) and not list((tmp_path / "bad").rglob("version_*"))

@@ -312,3 +312,79 @@ def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers
     rest = [int(i) for batch in resumed for i in batch]
     assert state["sampler"]["yielded"] == 20
     assert seen + rest == reference and sorted(reference) == data
+
+
+def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference):
+    """Ten SIGKILLs of one run at seeded random moments: while it starts up, at a random time
+    after a step, or the moment a checkpoint write has begun (its temp file exists), each
+    followed by ``--ckpt_path last``. Every surviving ``last.ckpt`` equals the uninterrupted run
+    at its step, and the end is bit-identical (weights and AdamW moments, max abs diff 0); no
+    temp file is left behind."""
+    cfg, root = _config(setup, "soak")
+    ckpts = _ckpts(root)
+    rng = random.Random(11)
+    moments = ["startup"] * 3 + ["write"] * 4 + ["step"] * 2
+    rng.shuffle(moments)
+    moments.insert(0, "step")  # the first run lives until its last.ckpt exists: later ones resume it
+    resume: list[str] = []
+    mid_write = 0
+    for kill, moment in enumerate(moments, start=1):
+        done = _load(ckpts / "last.ckpt")["global_step"] if (ckpts / "last.ckpt").exists() else 0
+        left = {p.name for p in ckpts.glob(".ckpt-tmp-*")}  # by the previous kill: the run removes them
+        started = time.time()
+        proc = _start(cfg, *resume)
+        if moment == "startup":
+            time.sleep(rng.uniform(0.5, 5.0))
+        else:
+            _wait_for_new_step(proc, ckpts, done + 1 + (kill == 1), started)  # it trains past where it resumed
+            if moment == "write":
+                deadline = time.monotonic() + 60
+                while not _writing(ckpts, left) and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+            else:
+                time.sleep(rng.uniform(0.0, 0.15))
+        writing = _writing(ckpts, left)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL  # killed, not finished
+        mid_write += writing
+        if (ckpts / "last.ckpt").exists():
+            last = _load(ckpts / "last.ckpt")
+            diff = _max_diff(last, _load(_step_file(reference["root"], last["global_step"])))
+            print(f"kill {kill} ({moment}{', during a write' if writing else ''}): last.ckpt at step "
+                  f"{last['global_step']}, max abs diff to the reference {diff:.3g}")
+            assert diff == 0.0
+            resume = ["--ckpt_path", "last"]
+    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, *resume, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = _load(ckpts / "last.ckpt")
+    diff = _max_diff(final, reference["last"])
+    print(f"10 kills, {mid_write} during a checkpoint write; final max abs diff {diff:.3g}")
+    assert mid_write >= 1
+    assert final["global_step"] == TOTAL_STEPS and diff == 0.0
+    assert not list(ckpts.glob(".ckpt-tmp-*"))
+    assert not (root / "lightning_logs" / "version_1").exists()
+
+
+def _writing(ckpts: Path, left: set[str]) -> bool:
+    """Whether a checkpoint write of this process is in progress (its temp file exists)."""
+    return any(p.name not in left for p in ckpts.glob(".ckpt-tmp-*"))
+
+
+def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: float, timeout: float = 900) -> None:
+    """Until this process has written the checkpoint of ``step`` (one written before ``since``,
+    by an earlier process, does not count)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in ckpts.glob(f"epoch=*-step={step}*.ckpt"):  # -v1: rewritten after a resume
+            try:
+                if path.stat().st_mtime >= since:
+                    return
+            except FileNotFoundError:
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from . import __version__
 from .adapter import cpu_kernels
@@ -28,7 +30,15 @@ from .training.progress import LogLineProgress, job_log_progress
 from .training.module import MELoRAModule
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
 from .sources import gguf_source
-from .training.checkpoints import EXIT_PREEMPTED, ResumableCheckpoint, check_checkpoint_file
+from .training.checkpoints import (
+    EXIT_PREEMPTED,
+    ResumableCheckpoint,
+    check_resume,
+    preemption,
+    read_checkpoint,
+    use_atomic_checkpoint_io,
+)
+from .training.run_folders import LAST, LAST_OR_NEW, allocate_version, find_last, remove_failed_run, version_of
 from .training.guards import NonFiniteGuard
 from .training.resume import ExactResume
 
@@ -72,26 +82,106 @@ class MELoRACLI(LightningCLI):
         parser.add_argument("--version", action="version", version=f"melora-lit {__version__}")
         return parser
 
+    # ------------------------------------------------------------------ run folder and resume
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a --ckpt_path file's hyper-parameters next: a truncated, foreign or
+        # unsafe file gets a one-line error naming it, not a traceback
+        path = (self._subconfig() or {}).get("ckpt_path")
+        if path and path not in CKPT_KEYWORDS and "://" not in str(path):
+            read_checkpoint(path)
+
+    def _subconfig(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        return self.config.get(subcommand) if subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Choose the run folder before anything is built or written: the newest run's for
+        ``--ckpt_path last``/``auto`` (fit), else a new ``version_N`` made atomically; the
+        loggers are given its ``version``."""
+        self._logger_version: int | str | None = None
+        self._restore: list[tuple[Any, str, Any]] = []
+        cfg = self._subconfig()
+        if cfg is None or cfg.get("trainer") is None:
+            return
+        trainer = cfg.trainer
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        specs = _logger_specs(trainer.get("logger"))
+        if specs is _OTHER_LOGGERS:
+            specs = []  # their own folders: "last" searches the default places, nothing is allocated
+            allocate = False
+        else:
+            allocate = True
+        log_root = _log_root(specs, root)
+        dirpath = cfg.get("checkpoint", {}).get("dirpath")
+        ckpt = cfg.get("ckpt_path")
+        found = dead = None
+        if ckpt in (LAST, LAST_OR_NEW):
+            found, dead = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
+                                    root / "checkpoints")
+            if found is None and ckpt == LAST:
+                where = dirpath or log_root or root
+                why = (f"the newest run {dead} was killed in its first checkpoint write (its temp file is removed)"
+                       if dead is not None else f"no run under {where} has a last checkpoint (last*.ckpt)")
+                raise ValueError(f"--ckpt_path last: {why}; nothing to resume: start a new run without --ckpt_path, "
+                                 f"or use --ckpt_path auto (resume if there is a checkpoint, else start)")
+            if found is not None:
+                read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
+                if rank_zero_only.rank == 0:
+                    print(f"melora-lit: resuming from {found}", file=sys.stderr)
+            cfg.ckpt_path = str(found) if found is not None else None
+        resumed_run = found.parent.parent if found is not None and self.subcommand == "fit" else None
+        if specs is None:  # no logger: a resumed run keeps writing its checkpoints where they are
+            if resumed_run is not None and not dirpath:
+                cfg.checkpoint.dirpath = str(found.parent)
+            return
+        if any(_spec_version(s) is not None for s in specs):
+            return  # the user chose the folder
+        if dead is not None and self.subcommand == "fit" and log_root is not None and dead.parent == log_root:
+            version: int | str | None = version_of(dead)  # started again in its own folder
+        elif resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
+            version = version_of(resumed_run)
+        elif not allocate:
+            return
+        elif not specs and SLURMEnvironment.detect() and SLURMEnvironment.job_id() is not None:
+            version = SLURMEnvironment.job_id()  # Lightning's default: a requeued job keeps its folder
+        elif rank_zero_only.rank == 0 and log_root is not None and allocate:
+            version = allocate_version(log_root)
+            _NEW_RUN_FOLDERS.append(log_root / f"version_{version}")
+        else:
+            # the other processes: only global rank 0 writes into the run folder, and Lightning's
+            # ModelCheckpoint takes its folder from rank 0 (a broadcast)
+            return
+        self._logger_version = version
+        for spec in specs:  # put back after instantiation: config.yaml must not pin the version
+            self._restore.append((spec.init_args, "version", spec.init_args.get("version")))
+            spec.init_args.version = version
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        for namespace, key, value in self._restore:
+            setattr(namespace, key, value)
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self._subconfig()
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         kwargs.setdefault("callbacks", job_log_progress(config["trainer"], config.get("progress")))
-        return super().instantiate_trainer(**kwargs)
+        if self._logger_version is not None and cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
+            root = cfg.trainer.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, version=self._logger_version)  # Lightning's default
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)
+        if not trainer.loggers:  # --trainer.logger false: nothing to log learning rates to
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        return trainer
 
     def before_fit(self) -> None:
-        if self.config[self.subcommand].get("ckpt_path") == "last":
-            self._resume_latest_run()
-        self._check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))  # "last", resolved
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hparams (weights_only=True) before anything else: a
-        # truncated, foreign or unsafe file gets a one-line error naming it, not a traceback
-        self._check_ckpt_path(self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path"))
-        super()._parse_ckpt_path()
-
-    @staticmethod
-    def _check_ckpt_path(path: str | None) -> None:
-        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
-            check_checkpoint_file(path)
+        # everything that can refuse the run, before fit writes anything into a run folder
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if path and path not in CKPT_KEYWORDS and "://" not in str(path):
+            check_resume(path, read_checkpoint(path), self.model.hparams, getattr(self.datamodule, "seed", None))
+        for callback in self.trainer.checkpoint_callbacks:
+            _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule)
 
     def after_fit(self) -> None:
         # fit prints no metrics table (validate does): say where the run ended
@@ -102,32 +192,85 @@ class MELoRACLI(LightningCLI):
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
                 print(f"melora-lit: after {self.trainer.global_step} steps: {shown}", file=sys.stderr)
 
-    def _resume_latest_run(self) -> None:
-        """Make ``--ckpt_path last`` find the newest run's ``last.ckpt`` and log into that run.
 
-        Lightning looks for ``last`` only in the new run's own (empty) version folder.
-        """
-        logger = self.trainer.logger
-        if not isinstance(logger, TensorBoardLogger):
-            return
-        root = Path(logger.root_dir)
-        found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            print(f"melora-lit: no last checkpoint under {root}; starting a new run", file=sys.stderr)
-            return
-        last = found[-1]
-        version = last.parent.parent.name
-        logger._version = int(version.split("_", 1)[1]) if version.split("_", 1)[1].isdigit() else version
-        self.config_init[self.subcommand]["ckpt_path"] = str(last)
-        print(f"melora-lit: resuming from {last}", file=sys.stderr)
+#: ``--ckpt_path`` values that are not a path.
+CKPT_KEYWORDS = (LAST, LAST_OR_NEW, "best", "hpc", "registry")
+_RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers that write version_N run folders
+_OTHER_LOGGERS: list = []  # marker: loggers of other kinds only
+#: Run folders this process created (removed again if the run fails before its first checkpoint).
+_NEW_RUN_FOLDERS: list[Path] = []
+
+
+def _logger_specs(logger: Any) -> list | None:
+    """The config entries of the loggers that write run folders: None without a logger, [] for
+    Lightning's default logger, :data:`_OTHER_LOGGERS` when only loggers of other kinds."""
+    if logger is False:
+        return None
+    if logger is None or logger is True:
+        return []
+    entries = logger if isinstance(logger, list) else [logger]
+    specs = [e for e in entries if str(getattr(e, "class_path", "")).rsplit(".", 1)[-1] in _RUN_LOGGERS]
+    return specs if specs or not entries else _OTHER_LOGGERS
+
+
+def _spec_version(spec: Any) -> Any:
+    return (spec.get("init_args") or {}).get("version")
+
+
+def _log_root(specs: list | None, root: Path) -> Path | None:
+    """``save_dir/name`` of the first run-folder logger (Lightning's default: root/lightning_logs)."""
+    if specs is None:
+        return None
+    if not specs:
+        return root / "lightning_logs"
+    args = specs[0].init_args
+    return Path(args.get("save_dir") or root) / (args.get("name") or "")
+
+
+def _check_monitor(monitor: str | None, model: Any, datamodule: Any) -> None:
+    """A validation monitor this run never logs is an error now, not after training (when no
+    checkpoint could be written). Only ``VAL_NAME/...`` monitors are checked."""
+    from .training.metrics import language_modeling_metrics
+
+    if not monitor:
+        return
+    names = list(getattr(datamodule, "val_names", None) or ["val"])
+    if not any(monitor.startswith(f"{n}/") for n in names):
+        return
+    task = model.hparams.get("task")
+    if task == "causal-lm":
+        metrics = language_modeling_metrics()
+    elif hasattr(datamodule, "build_metrics"):
+        metrics = datamodule.build_metrics()
+    else:
+        return
+    logged = sorted({f"{n}/{k}" for n in names for k in [*metrics.keys(), "loss"]})
+    if monitor not in logged:
+        raise ValueError(f"checkpoint.monitor={monitor!r} is never logged by this run (task {task}); use one of "
+                         f"{', '.join(logged)}")
 
 
 def _with_default_config(args: list[str]) -> list[str]:
-    """Put the quickstart config under a subcommand that was given no ``--config``."""
+    """Put the quickstart config under a subcommand that was given no ``--config``; its
+    checkpoint monitor (``val/accuracy``) is a classifier's: a causal LM gets ``val/loss``, min
+    (arguments given after it still win)."""
     if args and args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
         if not any(a in ("-h", "--help") for a in args):
-            return [args[0], "--config", quickstart_config(), *args[1:]]
+            defaults = ["--config", quickstart_config()]
+            if _task(args[1:]) == "causal-lm":
+                defaults += ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"]
+            return [args[0], *defaults, *args[1:]]
     return args
+
+
+def _task(args: list[str]) -> str | None:
+    task = None
+    for i, arg in enumerate(args):
+        if arg == "--model.task" and i + 1 < len(args):
+            task = args[i + 1]
+        elif arg.startswith("--model.task="):
+            task = arg.split("=", 1)[1]
+    return task
 
 
 _EXPORT_HELP = ("melora-lit export --ckpt_path CKPT --output_dir DIR [--format merged|adapter|peft|all]: "
@@ -153,6 +296,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
 
         return report_main(args[1:])  # type: ignore[return-value]
     args = _with_default_config(args)
+    _NEW_RUN_FOLDERS.clear()
+    try:
+        return _run_cli(args, run)
+    except BaseException:
+        for folder in _NEW_RUN_FOLDERS:  # only what this run made, and only if it saved nothing
+            remove_failed_run(folder)
+        raise
+
+
+def _run_cli(args: list[str], run: bool) -> MELoRACLI:
     return MELoRACLI(
         MELoRAModule,
         L.LightningDataModule,
@@ -170,11 +323,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
 def main() -> None:
     # main passes the (possibly completed) command line as `args`; that is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    preemption.install()  # a second SIGTERM while the preempted run saves and stops changes nothing
     try:
         cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
         cli_main()
     except SIGTERMException:
         # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md)
+        preemption.exiting()
         sys.exit(EXIT_PREEMPTED)
     except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         if os.environ.get("MELORA_LIT_DEBUG"):

@@ -86,25 +86,16 @@ def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_o
 
 def load_checkpoint_model(ckpt_path: str, config: str | None = None, model_name_or_path: str | None = None):
     """The :class:`~melora_lit.training.module.MELoRAModule` of a checkpoint, backbone loaded from its
-    source and adapter from the checkpoint, in eval mode."""
-    import torch
-
+    source and adapter from the checkpoint, in eval mode (read and checked as every reader does:
+    :mod:`melora_lit.training.checkpoints`)."""
+    from .training.checkpoints import load_module, read_checkpoint
     from .training.module import MELoRAModule
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint not found: {ckpt_path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors alike mean "not a checkpoint"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read checkpoint {ckpt_path}: {first}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{ckpt_path} is not a melora-lit checkpoint")
-    module = MELoRAModule(**_model_settings(ckpt, ckpt_path, config, model_name_or_path))
-    module.configure_model()
-    module.on_load_checkpoint(ckpt)
-    return module.eval()
+    ckpt = read_checkpoint(ckpt_path)
+    if "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {ckpt_path} is a sharded folder: resume it with fit --ckpt_path to write a "
+                         f"full checkpoint (the strategy's default), then export that")
+    return load_module(MELoRAModule, ckpt_path, **_model_settings(ckpt, ckpt_path, config, model_name_or_path))
 
 
 def export_checkpoint(

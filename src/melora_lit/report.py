@@ -1,8 +1,9 @@
-"""``melora-lit report``: compare runs from their TensorBoard event files and saved configs.
+"""``melora-lit report``: compare runs from their logs (TensorBoard event files or a CSV logger's
+``metrics.csv``) and saved configs.
 
     melora-lit report lightning_logs benchmarks/runs/rte --output report/
 
-Each RUN_DIR is a run's version folder (it holds ``events.out.tfevents.*``) or a folder searched
+Each RUN_DIR is a run's version folder (it holds ``events.out.tfevents.*`` or ``metrics.csv``) or a folder searched
 recursively for such folders. Folders whose event files have no ``train/`` scalar (a
 ``validate``, ``test`` or ``predict`` run) are left out. For each run, from ``config.yaml``
 (written by the CLI), ``hparams.yaml`` and the event files:
@@ -16,7 +17,7 @@ recursively for such folders. Folders whose event files have no ``train/`` scala
   (:func:`melora_lit.training.metrics.main_metric`: accuracy, Matthews for CoLA, Pearson for STS-B, loss
   for causal LMs);
 * wall time: first to last event of each event file, summed over the files (a resumed run's
-  pause between its processes does not count).
+  pause between its processes does not count); not known from a CSV log alone.
 
 Writes ``report.md`` (a table of runs, plus mean ± std over seeds of each task/method/n/r/
 trainable-parameter setting when some setting has two runs or more), ``report.csv`` (one row per
@@ -39,6 +40,7 @@ from typing import Any, Sequence
 __all__ = ["RunSummary", "find_runs", "read_run", "build_report", "report_main"]
 
 _EVENTS = "events.out.tfevents.*"
+_CSV_METRICS = "metrics.csv"  # Lightning's CSVLogger
 
 
 @dataclass
@@ -74,12 +76,14 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             raise ValueError(f"run folder not found: {p}")
         if not path.is_dir():
             raise ValueError(f"not a folder: {p} (give a run's version folder or a folder of runs)")
-        if any(path.glob(_EVENTS)):
+        if any(path.glob(_EVENTS)) or (path / _CSV_METRICS).is_file():
             found = [path]
         else:
-            found = sorted({f.parent for f in path.rglob(_EVENTS) if f.is_file()}, key=_natural_key)
+            found = sorted({f.parent for pattern in (_EVENTS, _CSV_METRICS) for f in path.rglob(pattern) if f.is_file()},
+                           key=_natural_key)
         if not found:
-            raise ValueError(f"no runs in {p}: no TensorBoard event files (events.out.tfevents.*) under it")
+            raise ValueError(f"no runs in {p}: no TensorBoard event files (events.out.tfevents.*) or CSV logs "
+                             f"({_CSV_METRICS}) under it")
         for run in found:
             if run.resolve() not in {r.resolve() for r in runs}:
                 runs.append(run)
@@ -139,6 +143,40 @@ def _wall_time(run: Path) -> float | None:
 
 
 def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """The logged scalars, ``{tag: [(step, value), ...]}``: from the event files, and from a CSV
+    logger's ``metrics.csv`` for the tags the event files do not have."""
+    scalars = _event_scalars(run) if any(run.glob(_EVENTS)) else {}
+    for tag, series in _csv_scalars(run / _CSV_METRICS).items():
+        scalars.setdefault(tag, series)
+    return scalars
+
+
+def _csv_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """A CSVLogger ``metrics.csv``: one row per logging call, columns ``step``, ``epoch`` and the
+    metrics, empty where a row has no value."""
+    if not path.is_file():
+        return {}
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = _int(_float(row.get("step")))
+            if step is None:
+                continue
+            for tag, text in row.items():
+                value = _float(text)
+                if tag != "step" and tag is not None and value is not None:
+                    scalars.setdefault(tag, []).append((step, value))
+    return scalars
+
+
+def _float(text: Any) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _event_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 1, "tensors": 1, "images": 1,

@@ -1,119 +1,377 @@
-"""The checkpoint file: atomic writes, preemption saves, and safe reading.
+"""The checkpoint format, in one place: what is saved, how it is validated, read, written, and
+loaded by a run or by ``export``.
 
-* :class:`ResumableCheckpoint`: Lightning's ``ModelCheckpoint`` (the CLI's ``--checkpoint.*``)
-  plus: writes go to a temporary file in the checkpoint folder that is renamed over the old one
-  (a kill mid-save leaves the previous checkpoint whole); with ``every_n_train_steps`` the
-  ``last`` checkpoint is also written at each epoch end; non-finite weights are never saved;
-  on SIGTERM or SIGUSR1 it saves ``last`` after the current step and the run stops with
-  :data:`EXIT_PREEMPTED`.
-* :func:`check_checkpoint_file`: a checkpoint is read with ``weights_only=True`` before use; a
-  truncated, foreign or unsafe file is refused in one line.
+* **What is saved**: Lightning's checkpoint with only the trainable state (adapter and
+  ``modules_to_save``) in ``state_dict`` and a ``melora`` entry (config, base model, label
+  names, version). ``MELoRAModule`` records the keys and shapes before sharding
+  (:func:`record_adapter_shapes`) and its ``on_save_checkpoint``/``on_load_checkpoint`` hooks
+  call :func:`save_adapter_state` and :func:`load_adapter_state`.
+* **How it is validated**: :func:`check_state_shapes` (keys and shapes, one line naming the first
+  mismatch), :func:`check_resume` (a checkpoint resumed by ``fit`` has this run's model settings
+  and data seed: checked before anything is written).
+* **How it is read**: :func:`read_checkpoint` (``weights_only=True``; a file, or the folder of a
+  sharded FSDP checkpoint); a truncated, foreign, unsafe or non-finite checkpoint is refused in one
+  line. Every reader (``fit``/``validate``/... ``--ckpt_path``, the strategies, ``export``) goes
+  through it.
+* **How it is written**: :class:`AtomicCheckpointIO`, a Lightning ``CheckpointIO`` plugin: one write,
+  to a temporary file in the checkpoint folder, flushed to disk and renamed over the old file.
+* **How a run loads it**: :class:`ResumableCheckpoint` (``--checkpoint.*``) and the CLI's
+  ``--ckpt_path``; ``export`` with :func:`load_module`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
+import socket
 import sys
+import threading
 import uuid
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["EXIT_PREEMPTED", "ResumableCheckpoint", "check_checkpoint_file"]
+from .. import __version__
+from . import lightning_private
+
+__all__ = [
+    "EXIT_PREEMPTED",
+    "AtomicCheckpointIO",
+    "ResumableCheckpoint",
+    "check_resume",
+    "check_state_shapes",
+    "load_adapter_state",
+    "load_module",
+    "read_checkpoint",
+    "record_adapter_shapes",
+    "save_adapter_state",
+]
 
 #: Exit status of a run stopped by SIGTERM/SIGUSR1 after saving its ``last`` checkpoint: not 0,
 #: so that a job scheduler does not take the unfinished run for a finished one.
 EXIT_PREEMPTED = 3
-_TMP_PREFIX = ".ckpt-tmp-"  # no "last" in the name: Lightning's own "last" search must not see it
-
-# ----------------------------------------------------------------------------- checkpoints
-def _nonfinite_parameter(module: torch.nn.Module) -> str | None:
-    """Name of the first trainable parameter holding a NaN or Inf, else None."""
-    for name, p in module.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
-            return name
-    return None
+#: Prefix of a checkpoint being written (no "last" in it: Lightning's own "last" search must not
+#: see it); then host and process id, so that a stale one can be told from one being written.
+TMP_PREFIX = ".ckpt-tmp-"
+#: The file of a sharded checkpoint folder that holds all but the sharded tensors (Lightning's name).
+SHARDED_METADATA = "meta.pt"
 
 
+# ----------------------------------------------------------------------------- what is saved
+def record_adapter_shapes(module: L.LightningModule, model: torch.nn.Module) -> None:
+    """Record the checkpoint's keys and shapes (``module._checkpoint_shapes``); call it before
+    sharding, which splits the tensors (FSDP2) or renames the modules (FSDP1)."""
+    from ..adapter import adapter_state_dict
+
+    state = adapter_state_dict(model, module.summary.modules_to_save)
+    module._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in state.items()}
+
+
+def save_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint``: keep only the adapter and the saved modules (a MiniLM checkpoint is
+    ~1 MB, not ~90 MB; the strategies of :mod:`melora_lit.training.strategies` gather them to full
+    tensors on rank 0) and add the ``melora`` entry."""
+    keep = module._checkpoint_shapes
+    if not any(type(v).__name__ in ("DTensor", "ShardedTensor") for v in checkpoint["state_dict"].values()):
+        # (a sharded checkpoint folder keeps Lightning's format, the whole model: it loads it whole)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    checkpoint["melora"] = {
+        "config": module.melora_config.to_dict(),
+        "base_model_name_or_path": module.hparams.model_name_or_path,
+        "label_names": module.label_names,
+        "melora_lit_version": __version__,
+    }
+
+
+def load_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """``on_load_checkpoint``: validate the adapter state against the recorded shapes and load it
+    (sharded back under FSDP), and take the label names. Lightning's own FSDP and ModelParallel
+    strategies load (and pop) the state dict themselves; those of
+    :mod:`melora_lit.training.strategies` leave it here."""
+    from ..adapter import load_adapter_state_dict
+    from .strategies import is_sharded, load_full_state
+
+    if "state_dict" in checkpoint:
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        check_state_shapes({k[len("model."):]: v for k, v in state.items()},
+                           {k[len("model."):]: s for k, s in module._checkpoint_shapes.items()})
+        trainer = _attached_trainer(module)
+        if trainer is not None and is_sharded(trainer.strategy.model):
+            load_full_state(module.trainer.strategy.model, state)  # each rank keeps its shard
+        else:
+            load_adapter_state_dict(module.model, {k[len("model."):]: v for k, v in state.items()},
+                                    module.summary.modules_to_save)
+    meta = checkpoint.get("melora", {})
+    if meta.get("label_names") and not module.label_names:
+        module.label_names = list(meta["label_names"])
+
+
+def _attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    try:
+        return module.trainer  # Lightning raises when the module is not attached (export)
+    except RuntimeError:
+        return None
+
+
+# ----------------------------------------------------------------------------- validation
+def check_state_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise a one-line ``ValueError`` naming the first missing, unexpected or misshaped key."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    other = "; it was saved from a different model or MELoRA config"
+    if missing:
+        what = f"it is missing key {missing[0]!r} ({len(missing)} missing in all){other}"
+    elif unexpected:
+        what = f"it has unexpected key {unexpected[0]!r} ({len(unexpected)} in all){other}"
+    elif misshaped:
+        k = misshaped[0]
+        what = f"adapter key {k!r}: expected shape {tuple(expected[k])}, found {tuple(state[k].shape)}"
+    else:
+        return
+    raise ValueError(f"checkpoint does not fit this model: {what}")
+
+
+# what decides the checkpoint's keys, shapes and meaning (a learning rate may change on resume)
+_RESUME_SETTINGS = ("task", "num_labels", "label_names", "melora", "gguf_file")
+
+
+def _differences(saved: Any, current: Any, name: str) -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        return [d for k in sorted(set(saved) | set(current)) for d in
+                _differences(saved.get(k), current.get(k), f"{name}.{k}")]
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        saved, current = list(saved), list(current)
+    return [] if saved == current else [f"{name}={saved!r}, this run sets {name}={current!r}"]
+
+
+def check_resume(path: str | os.PathLike, checkpoint: Mapping[str, Any], model_hparams: Mapping[str, Any],
+                 data_seed: int | None) -> None:
+    """Refuse (one-line ``ValueError``) to resume ``checkpoint`` into a run whose model settings or
+    data seed differ from the ones it was trained with; the CLI calls it before it writes
+    anything, so a refused resume leaves the run folder as it was."""
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    current = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in dict(model_hparams).items()}
+    keys = [k for k in _RESUME_SETTINGS if k in saved or k in current]
+    if saved.get("task", current.get("task")) == "causal-lm":
+        keys = [k for k in keys if k not in ("num_labels", "label_names")]  # not used by causal LMs
+    diffs = [d for k in keys for d in _differences(saved.get(k), current.get(k), k)]
+    if diffs:
+        raise ValueError(f"checkpoint {path} does not fit this run: it was trained with {diffs[0]}; resume with "
+                         f"the run's own settings (its config.yaml), or start a new run without --ckpt_path")
+    loaders = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader")
+    seeds = [s["sampler"]["seed"] for s in loaders or [] if isinstance(s, dict) and "seed" in (s.get("sampler") or {})]
+    if data_seed is not None and seeds and seeds[0] != data_seed:
+        raise ValueError(f"checkpoint {path} was trained with data seed {seeds[0]}, this run's is {data_seed}: pass "
+                         f"--data.init_args.seed {seeds[0]} to resume (the data order depends on it)")
+
+
+# ----------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint the safe way (``weights_only=True``: tensors and plain types only) and
+    check that it is a melora-lit training checkpoint with finite values; a one-line
+    ``ValueError`` naming the file and the problem otherwise.
+
+    ``path`` may be the folder of a sharded checkpoint (FSDP ``state_dict_type: sharded``,
+    FSDP2 ``save_distributed_checkpoint: true``): its ``meta.pt`` (everything but the sharded
+    tensors) is read and returned, without ``state_dict``.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"checkpoint not found: {path}")
+    if file.is_dir():
+        if not (file / SHARDED_METADATA).is_file() or not (file / ".metadata").is_file():
+            raise ValueError(f"checkpoint {path} is a folder but not a sharded checkpoint (no {SHARDED_METADATA} "
+                             f"and .metadata in it)")
+        return _check_contents(path, _load(path, file / SHARDED_METADATA), sharded=True)
+    if not file.is_file():
+        raise ValueError(f"checkpoint {path} is not a file")
+    try:
+        empty = file.stat().st_size == 0
+    except OSError as err:
+        raise ValueError(f"checkpoint {path} cannot be read: {err.strerror}") from None
+    if empty:
+        raise ValueError(f"checkpoint {path} is empty (an interrupted copy?)")
+    return _check_contents(path, _load(path, file), sharded=False)
+
+
+
+def _load(path: str | os.PathLike, file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for the same "cannot use this file"
+        text = str(err)
+        if "Weights only load failed" in text or "weights_only" in text:
+            # a pickled object that is not a tensor or plain value: loading it would run code
+            found = re.search(r"Unsupported (?:global|operand)[: ]+(?:GLOBAL )?([\w.]+)", text)
+            detail = f": it pickles {found.group(1)}" if found else ""
+            raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain values and is "
+                             f"refused (it is loaded with weights_only=True){detail}") from None
+        try:
+            with open(file, "rb") as f:
+                head = f.read(4)
+        except OSError as os_err:
+            raise ValueError(f"checkpoint {path} cannot be read: {os_err.strerror}") from None
+        # torch.save writes a zip archive; torch's own errors for a cut one are cryptic
+        if head == b"PK\x03\x04":
+            raise ValueError(f"checkpoint {path} is truncated or damaged (an interrupted copy?): "
+                             f"torch.load cannot read it") from None
+        raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint (not a torch.save zip archive)") from None
+
+
+def _check_contents(path: str | os.PathLike, ckpt: Any, sharded: bool) -> dict[str, Any]:
+    if not isinstance(ckpt, dict) or ("state_dict" not in ckpt and not sharded):
+        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
+    if "melora" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a melora-lit checkpoint (no 'melora' entry)")
+    bad = _nonfinite_key(ckpt.get("state_dict") or {})
+    if bad is not None:
+        raise ValueError(f"checkpoint {path} holds non-finite values in {bad}")
+    return ckpt
+
+
+def _nonfinite_key(state: Mapping[str, Any]) -> str | None:
+    return next((k for k, v in state.items()
+                 if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
+def load_module(module_class: type[L.LightningModule], path: str | os.PathLike,
+                **overrides: Any) -> L.LightningModule:
+    """The ``LightningModule`` of a checkpoint (Lightning's ``load_from_checkpoint``: the module
+    rebuilt from the checkpoint's hyper-parameters with ``overrides`` applied, ``configure_model``,
+    ``on_load_checkpoint``), in eval mode on CPU, after :func:`read_checkpoint`'s checks."""
+    read_checkpoint(path)
+    with warnings.catch_warnings():
+        # the frozen backbone is not in an adapter checkpoint: its keys are all "missing"
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+        module = module_class.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------- writing
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint once, where it belongs: to a temporary file in the checkpoint
+    folder, flushed to disk, then renamed over the old one (``os.replace``), so a kill or a full
+    disk mid-write leaves the previous checkpoint whole. (Lightning's own write goes through
+    ``$TMPDIR`` and is then moved: a second copy, and not atomic across filesystems.) A
+    checkpoint with a non-finite weight is refused, so the last one stays the last good one.
+    Remote paths (``s3://`` ...) keep Lightning's write."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        bad = _nonfinite_key(checkpoint.get("state_dict") or {})
+        if bad is not None:
+            raise ValueError(f"refusing to write checkpoint {path} at step {checkpoint.get('global_step')}: "
+                             f"parameter {bad} is not finite")
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        final = Path(str(path).removeprefix("file://"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # the rename itself is durable once the folder entry is
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+
+def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
+    """Put :class:`AtomicCheckpointIO` in place of Lightning's default ``TorchCheckpointIO``
+    (a ``CheckpointIO`` of the user's own, given as a trainer plugin, is kept)."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Remove temp files of writes that died (a kill mid-write) from ``folder``: those of this
+    host whose process is gone. A write in progress (another process) is left alone."""
+    host = socket.gethostname()
+    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+        found = re.fullmatch(rf"{re.escape(TMP_PREFIX)}(.+)-(\d+)-[0-9a-f]+", tmp.name)
+        if found and (found.group(1) != host or _alive(int(found.group(2)))):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is starting: nothing of its own is being written yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- the callback
 class ResumableCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` (same arguments) made safe to resume from; see the module doc.
+    """``ModelCheckpoint`` (same arguments) made safe to resume from.
 
-    ``every_n_train_steps: N`` (with ``save_last``, the CLI's default) rewrites ``last.ckpt``
-    every N optimizer steps and at the end of each epoch.
+    * ``every_n_train_steps: N`` (with ``save_last``, the CLI's default) rewrites ``last.ckpt``
+      every N optimizer steps and at the end of each epoch.
+    * On SIGTERM or SIGUSR1 it saves ``last`` after the current step and the run stops with
+      :data:`EXIT_PREEMPTED`; more signals during the save or the shutdown change nothing.
+    * On start it removes what this run left in its checkpoint folder when it was killed: temp
+      files of an unfinished write, and ``epoch=...`` checkpoints beyond ``save_top_k``.
     """
 
     _preempt_signal: str | None = None
     _previous_usr1: Any = None
     _told = False  # the preemption message is printed once
-
-    # -- integrity
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        bad = _nonfinite_parameter(trainer.lightning_module)
-        if bad is not None:
-            # the last checkpoint must stay the last good one
-            raise ValueError(f"refusing to write checkpoint {filepath} at step {trainer.global_step}: "
-                             f"parameter {bad} is not finite")
-        if "://" in str(filepath) and not str(filepath).startswith("file://"):
-            return super()._save_checkpoint(trainer, filepath)  # remote stores: Lightning's transaction
-        final = Path(filepath)
-        tmp = final.with_name(f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp = Path(trainer.strategy.broadcast(str(tmp)))  # one name for all ranks
-        super()._save_checkpoint(trainer, str(tmp))
-        self._last_checkpoint_saved = str(final)
-        if trainer.is_global_zero:
-            # Lightning writes through a temp file in the *system* temp folder and moves it: a
-            # copy, not an atomic rename, when that is another filesystem. Here the temp file is
-            # in the checkpoint folder, flushed to disk, then renamed over the old checkpoint.
-            if tmp.is_file():
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-            elif tmp.is_dir() and final.is_dir():  # a sharded (folder) checkpoint: not atomic
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            try:  # the rename itself is durable once the folder entry is
-                dir_fd = os.open(final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except OSError:
-                pass
-        trainer.strategy.barrier("ResumableCheckpoint._save_checkpoint")
+    _saved_step: int | None = None  # global step of the last checkpoint written
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        # temp files of a run killed mid-save: never read, so drop them
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath) and Path(self.dirpath).is_dir():
-            for stale in Path(self.dirpath).glob(f"{_TMP_PREFIX}*"):
-                stale.unlink(missing_ok=True)
+            remove_stale_temp_files(Path(self.dirpath))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved_step = trainer.global_step  # any checkpoint of this step, last included
 
     # -- every N steps and per epoch
     def _save_epoch_end(self, trainer: L.Trainer) -> None:
-        if self._every_n_train_steps >= 1 and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        skip = (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+                or self._saved_step == trainer.global_step)
+        if lightning_private.checkpoint_every_n_train_steps(self) and not skip:
+            lightning_private.save_topk_and_last(self, trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if lightning_private.saves_on_train_epoch_end(self, trainer):
             self._save_epoch_end(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not lightning_private.saves_on_train_epoch_end(self, trainer):
             self._save_epoch_end(trainer)
 
-    # -- preemption
+    # -- what a killed run left
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero and trainer.ckpt_path:
+            self._remove_checkpoints_beyond_top_k()
         self._preempt_signal = None
         self._told = False
         # SIGTERM is Lightning's (trainer.received_sigterm). SIGUSR1 is installed here, after
@@ -124,18 +382,31 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._previous_usr1 = previous
 
             def on_usr1(signum: int, frame: Any) -> None:
-                self._preempt_signal = "SIGUSR1"
-                if callable(previous):
-                    previous(signum, frame)
+                if self._preempt_signal is None:
+                    self._preempt_signal = "SIGUSR1"
+                    if callable(previous):
+                        previous(signum, frame)
 
             signal.signal(signal.SIGUSR1, on_usr1)
 
+    def _remove_checkpoints_beyond_top_k(self) -> None:
+        """A kill between writing a new top-k checkpoint and removing the one it replaced leaves
+        one too many: on resume, remove ``epoch=...`` files the restored state does not list."""
+        if self.save_top_k < 0 or self.filename is not None or not self.dirpath or "://" in str(self.dirpath):
+            return
+        keep = {Path(p).name for p in (*self.best_k_models, self.best_model_path, self.last_model_path) if p}
+        for path in Path(self.dirpath).glob("epoch=*-step=*.ckpt"):
+            if path.name not in keep and re.fullmatch(r"epoch=\d+-step=\d+(-v\d+)?\.ckpt", path.name):
+                path.unlink(missing_ok=True)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_usr1 is not None and _in_main_thread():
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            # a repeated SIGUSR1 during the shutdown must not end the process: keep it ignored
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN if self._preempt_signal else self._previous_usr1)
             self._previous_usr1 = None
         super().teardown(trainer, pl_module, stage)
 
+    # -- preemption
     def _signal_name(self, trainer: L.Trainer) -> str | None:
         return self._preempt_signal or ("SIGTERM" if trainer.received_sigterm else None)
 
@@ -144,11 +415,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # every rank must agree, or the save's collectives would hang
         stop = trainer.strategy.reduce_boolean_decision(self._signal_name(trainer) is not None, all=False)
-        if not stop:
-            return
-        self._save_preempted(trainer)
-        # Lightning raises SIGTERMException right after this hook once received_sigterm is set
-        trainer._signal_connector.received_sigterm = True
+        if stop:
+            self._save_preempted(trainer)
+            raise SIGTERMException  # what Lightning raises after this hook on SIGTERM; the CLI exits 3
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
@@ -157,9 +426,10 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_preempted(trainer)
 
     def _save_preempted(self, trainer: L.Trainer) -> None:
+        preemption.stopping()
         name = self._signal_name(trainer) or "SIGTERM"
-        if self._last_global_step_saved != trainer.global_step and self.save_last:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._saved_step != trainer.global_step and self.save_last:
+            lightning_private.save_last(self, trainer)
         if trainer.is_global_zero and not self._told:
             self._told = True
             print(f"melora-lit: received {name}: stopped after step {trainer.global_step}, last checkpoint "
@@ -168,46 +438,40 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
-# ----------------------------------------------------------------------------- safe loading
-def check_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint the safe way (``weights_only=True``: tensors and plain types only) and
-    check that it is a melora-lit training checkpoint; a one-line ``ValueError`` naming the file
-    and the problem otherwise."""
-    file = Path(path)
-    if not file.exists():
-        raise ValueError(f"checkpoint not found: {path}")
-    if not file.is_file():
-        raise ValueError(f"checkpoint {path} is not a file")
-    if file.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (an interrupted copy?)")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for the same "cannot use this file"
-        text = str(err)
-        if "Weights only load failed" in text or "weights_only" in text:
-            # a pickled object that is not a tensor or plain value: loading it would run code
-            found = re.search(r"Unsupported (?:global|operand)[: ]+(?:GLOBAL )?([\w.]+)", text)
-            detail = f": it pickles {found.group(1)}" if found else ""
-            raise ValueError(f"checkpoint {path} holds pickled objects other than tensors and plain values and is "
-                             f"refused (it is loaded with weights_only=True){detail}") from None
-        with open(file, "rb") as f:
-            head = f.read(4)
-        # torch.save writes a zip archive; torch's own errors for a cut one are cryptic
-        if head == b"PK\x03\x04":
-            raise ValueError(f"checkpoint {path} is truncated or damaged (an interrupted copy?): "
-                             f"torch.load cannot read it") from None
-        raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint (not a torch.save zip archive)") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict)")
-    if "melora" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a melora-lit checkpoint (no 'melora' entry)")
-    bad = next((k for k, v in ckpt["state_dict"].items()
-                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise ValueError(f"checkpoint {path} holds non-finite values in {bad}")
-    return ckpt
+class _Preemption:
+    """The process-wide SIGTERM policy of ``melora-lit``: before a run stops for a signal, SIGTERM
+    ends the process as usual; once it is stopping (saving ``last.ckpt``, shutting down), more
+    SIGTERMs are ignored, so that the save completes and the status stays :data:`EXIT_PREEMPTED`.
+    (Lightning restores the previous handler when the trainer shuts down: this one.)"""
+
+    def __init__(self) -> None:
+        self.is_stopping = False
+
+    def install(self) -> None:
+        if _in_main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def stopping(self) -> None:
+        self.is_stopping = True
+
+    def exiting(self) -> None:
+        """The run stopped for a signal and the process exits now: ignore more of them at the OS
+        level (Python's shutdown resets a Python handler to the default, which would end the
+        process by SIGTERM, status 143, instead of :data:`EXIT_PREEMPTED`)."""
+        self.is_stopping = True
+        if _in_main_thread():
+            for name in ("SIGTERM", "SIGUSR1"):
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.is_stopping or signal.getsignal(signum) != self._on_sigterm:
+            return  # stopping already, or called by Lightning's handler, which stops the run
+        signal.signal(signum, signal.SIG_DFL)  # no run to save: end as SIGTERM does
+        os.kill(os.getpid(), signum)
+
+
+preemption = _Preemption()

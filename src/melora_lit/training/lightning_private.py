@@ -10,5 +10,44 @@ the one that disappeared.
 
 from __future__ import annotations
 
+from typing import Any
+
 #: (where, attribute) of each private member used below; the test checks each one.
 PRIVATE_MEMBERS: list[tuple[str, str]] = []
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# ResumableCheckpoint (melora_lit.training.checkpoints) writes top-k and ``last`` at each epoch
+# end when it checkpoints every N steps, and ``last`` on preemption. ModelCheckpoint makes
+# every_n_train_steps and every_n_epochs mutually exclusive and has no public "save now": its
+# own save methods keep best_k_models, last_model_path and the version counter right.
+PRIVATE_MEMBERS += [
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_every_n_train_steps"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_should_save_on_train_epoch_end"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_monitor_candidates"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_topk_checkpoint"),
+    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_last_checkpoint"),
+]
+
+
+def checkpoint_every_n_train_steps(callback: Any) -> int:
+    """``every_n_train_steps`` as the callback resolved it (0: not step-based)."""
+    return int(callback._every_n_train_steps)
+
+
+def saves_on_train_epoch_end(callback: Any, trainer: Any) -> bool:
+    """Whether ``callback`` saves at the train epoch end (else after validation), as Lightning
+    decides it from ``save_on_train_epoch_end`` and the validation schedule."""
+    return bool(callback._should_save_on_train_epoch_end(trainer))
+
+
+def save_topk_and_last(callback: Any, trainer: Any) -> None:
+    """Save the top-k candidate and ``last`` now, as ModelCheckpoint does at its own triggers."""
+    candidates = callback._monitor_candidates(trainer)
+    callback._save_topk_checkpoint(trainer, candidates)
+    callback._save_last_checkpoint(trainer, candidates)
+
+
+def save_last(callback: Any, trainer: Any) -> None:
+    """Save ``last`` now (a collective: every rank calls it)."""
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))

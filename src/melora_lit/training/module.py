@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from .. import __version__
-from ..adapter import InjectionSummary, MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict
+from ..adapter import InjectionSummary, MELoRAConfig, inject_melora
+from .checkpoints import load_adapter_state, record_adapter_shapes, save_adapter_state
 from .causal_lm import GenerationOptions
 from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
 from .precision import keep_trainable_float32
@@ -134,10 +134,7 @@ class MELoRAModule(L.LightningModule):
             return
         model = self.task.load_backbone(self.backbone_source)
         self.summary = self._inject(model)
-        # the checkpoint's keys and shapes, before sharding splits the tensors (FSDP2) or
-        # renames the modules (FSDP1)
-        state = adapter_state_dict(model, self.summary.modules_to_save)
-        self._checkpoint_shapes = {"model." + k: tuple(v.shape) for k, v in state.items()}
+        record_adapter_shapes(self, model)  # before sharding splits or renames the tensors
         self.model = self._parallelize(model)
 
     def _inject(self, model: nn.Module) -> InjectionSummary:
@@ -254,33 +251,7 @@ class MELoRAModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep only the adapter and the saved modules: a MiniLM checkpoint is ~1 MB, not ~90 MB.
-        # (The strategies of melora_lit.training.strategies gather them to full tensors on rank 0.)
-        keep = self._checkpoint_shapes
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["melora"] = {
-            "config": self.melora_config.to_dict(),
-            "base_model_name_or_path": self.hparams.model_name_or_path,
-            "label_names": self.label_names,
-            "melora_lit_version": __version__,
-        }
+        save_adapter_state(self, checkpoint)  # adapter-only (melora_lit.training.checkpoints)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from .strategies import check_state_shapes, is_sharded, load_full_state
-
-        # Lightning's own FSDP and ModelParallel strategies load (and pop) the state dict
-        # themselves; those of melora_lit.training.strategies leave it here.
-        if "state_dict" in checkpoint and self._trainer is not None and is_sharded(self.trainer.strategy.model):
-            state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-            check_state_shapes(state, self._checkpoint_shapes)  # one line naming the mismatch
-            load_full_state(self.trainer.strategy.model, state)  # each rank keeps its shard
-        elif "state_dict" in checkpoint:
-            state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-            try:
-                # validates keys and shapes with a message that names the mismatch
-                load_adapter_state_dict(self.model, state, self.summary.modules_to_save)
-            except ValueError as err:
-                raise ValueError(f"checkpoint does not fit this model: {err}") from None
-        meta = checkpoint.get("melora", {})
-        if meta.get("label_names") and not self.label_names:
-            self.label_names = list(meta["label_names"])
+        load_adapter_state(self, checkpoint)

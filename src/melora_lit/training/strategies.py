@@ -41,7 +41,6 @@ __all__ = [
     "FSDP2Strategy",
     "FSDPStrategy",
     "apply_fsdp2",
-    "check_state_shapes",
     "enable_gradient_checkpointing",
     "gather_trainable_state",
     "is_sharded",
@@ -160,24 +159,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------ state
-def check_state_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise a one-line ``ValueError`` naming the first missing, unexpected or misshaped key."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
-    if missing:
-        what = f"is missing key {missing[0]!r} ({len(missing)} missing in all)"
-    elif unexpected:
-        what = f"has unexpected key {unexpected[0]!r} ({len(unexpected)} in all)"
-    elif misshaped:
-        k = misshaped[0]
-        what = f"has key {k!r} of shape {tuple(state[k].shape)}, expected shape {tuple(expected[k])}"
-    else:
-        return
-    raise ValueError(f"checkpoint does not fit this model: it {what}; it was saved from a different "
-                     "model or MELoRA config")
-
-
 def gather_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (and the buffers) of an FSDP2-sharded ``module`` as full CPU
     tensors on rank 0; an empty dict on the other ranks. A collective: every rank must call it.
@@ -304,7 +285,9 @@ class _AdapterCheckpointMixin:
             return super().load_checkpoint(path, weights_only=weights_only)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        from .checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(path)  # the checks every reader applies
         optimizer_states = checkpoint.get("optimizer_states")
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if fitting and optimizer_states is not None and self.optimizers:

@@ -1,0 +1,295 @@
+"""Run folders and resume, with real ``melora-lit`` processes: a refused resume writes nothing,
+``--ckpt_path last`` takes the newest run (whatever the logger) or says why it cannot, two runs
+started together get two folders, a second SIGTERM does not change the exit status, and a run
+cleans up what it left when it was killed or failed. Every fault case checks the hashes of every
+earlier run's files before and after.
+
+The messages of the fault cases are listed in docs/errors.md ("Runs, resume and checkpoints"):
+``test_docs_table_shows_each_case_and_its_actual_message`` compares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
+from melora_lit.training.checkpoints import EXIT_PREEMPTED
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+TABLE_PREFIX = "`test_run_folders.py::"
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (symlinks as their target's name) and its sha256."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _error(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0][len("melora-lit: error: "):]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, dropout_bert) -> dict:
+    """One finished run (1 epoch, 6 steps, a checkpoint every 2 steps) to copy for each case."""
+    work = tmp_path_factory.mktemp("run-folders")
+    train = write_csv(work / "train.csv", sentiment_rows(64, seed=3))
+    root = work / "base"
+    cfg = write_config(work / "config.yaml", dropout_bert, train, root, trainer={"max_epochs": 1})
+    proc = run_cli("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"work": work, "cfg": cfg, "root": root, "train": train, "model": dropout_bert}
+
+
+def _copy(base: dict, name: str) -> Path:
+    root = base["work"] / name
+    shutil.copytree(base["root"], root, symlinks=True)
+    return root
+
+
+def _fit(base: dict, root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("timeout", 900)  # a loaded machine: the default 300 s is too short for some runs
+    return run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                   "--checkpoint.every_n_train_steps", "2", *args, **kw)
+
+
+def _unreadable_last(root: Path) -> None:
+    newest = root / "lightning_logs" / "version_1" / "checkpoints"
+    newest.mkdir(parents=True)
+    (newest / "last.ckpt").symlink_to("/dev/zero")
+
+
+# case -> (how its root is prepared, arguments, words the message must hold)
+FAULTS: dict[str, tuple] = {
+    "resume_other_settings": ("copy", ["--ckpt_path", "last", "--model.melora.n", "4"],
+                              "it was trained with melora.n=2, this run sets melora.n=4"),
+    "resume_other_seed": ("copy", ["--ckpt_path", "last", "--data.init_args.seed", "7"],
+                          "data seed 42, this run's is 7"),
+    "unreadable_last": (_unreadable_last, ["--ckpt_path", "last"], "lightning_logs/version_1/checkpoints/last.ckpt"),
+    "no_run_to_resume": ("empty", ["--ckpt_path", "last"], "--ckpt_path auto"),
+    "failed_run": ("copy", ["--model.melora.n", "5"], "n=5 does not divide"),  # fails after config.yaml
+}
+
+
+@pytest.fixture(scope="module")
+def faults(base) -> dict:
+    """Each fault case run by the real command, concurrently, each in its own copy of the base
+    run; the trees before and after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepared = {}
+    for case, (prepare, args, _) in FAULTS.items():
+        root = base["work"] / case
+        if prepare == "empty":
+            root.mkdir()
+        else:
+            _copy(base, case)
+            if callable(prepare):
+                prepare(root)
+        prepared[case] = (root, _tree(root))
+
+    def one(case: str) -> subprocess.CompletedProcess:
+        return _fit(base, prepared[case][0], *FAULTS[case][1])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        procs = dict(zip(FAULTS, pool.map(one, FAULTS)))
+    return {case: {"proc": procs[case], "root": root, "before": before, "after": _tree(root)}
+            for case, (root, before) in prepared.items()}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faults, base, case):
+    """A refused resume (other settings, other data seed), an unreadable newest ``last.ckpt``
+    (never an older run instead), ``last`` with no run at all, a run failing after it made its
+    folder (the folder goes again): one line, exit 2, every earlier file byte-identical."""
+    result = faults[case]
+    message = _error(result["proc"])
+    print(f"{case}: exit {result['proc'].returncode}: {message}")
+    assert result["proc"].returncode == 2 and FAULTS[case][2] in message
+    assert result["after"] == result["before"]  # config.yaml, events, checkpoints; nothing new
+    if case == "unreadable_last":
+        assert str(result["root"] / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt") in message
+
+
+def test_docs_table_shows_each_case_and_its_actual_message(faults, base):
+    """docs/errors.md ("Runs, resume and checkpoints") shows each fault case's actual message."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if cells and cells[0].startswith(TABLE_PREFIX):
+            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    assert set(rows) == set(FAULTS)
+    for case in FAULTS:
+        message = _error(faults[case]["proc"]).replace(str(faults[case]["root"]), "$ROOT")
+        assert rows[case] == message.replace("|", "\\|"), case
+
+
+# ----------------------------------------------------------------------------- resume, any logger
+@pytest.mark.parametrize("logger", ["CSVLogger", "false"])
+def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_left(base, logger):
+    """The newest run is resumed in its own folder with a CSV logger or none; on that start it
+    removes a temp file of a write that was killed and an ``epoch=...`` file beyond save_top_k."""
+    root = base["work"] / f"resume-{logger}"  # a run of its own: a moved run folder resumes as a new top-k
+    assert _fit(base, root).returncode == 0
+    ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
+    stale = ckpts / f".ckpt-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de"
+    stale.write_bytes(b"half a checkpoint")
+    extra = ckpts / "epoch=0-step=2.ckpt"  # save_top_k=1 kept only step 6; a kill left this one
+    shutil.copy(ckpts / "last.ckpt", extra)
+    args = (["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(root)] if logger == "CSVLogger"
+            else ["--trainer.logger", "false"])
+    proc = _fit(base, root, "--ckpt_path", "last", "--trainer.max_epochs", "2", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {ckpts / 'last.ckpt'}" in proc.stderr
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]  # no new run
+    assert _load(ckpts / "last.ckpt")["global_step"] == 12
+    assert not stale.exists() and not extra.exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=1-step=12.ckpt", "last.ckpt"]
+    if logger == "CSVLogger":  # melora-lit report reads CSV logs too
+        final = re.search(r"melora-lit: after 12 steps: val/accuracy ([\d.]+)", proc.stderr).group(1)
+        run = root / "lightning_logs" / "version_0"
+        shutil.rmtree(run / "checkpoints")  # (a copy without the TensorBoard events of epoch 0)
+        for events in run.glob("events.out.tfevents.*"):
+            events.unlink()
+        report = run_cli("report", str(run), "--output", str(root / "report"), timeout=900)
+        assert report.returncode == 0, report.stderr[-2000:]
+        import csv
+
+        rows = list(csv.DictReader(open(root / "report" / "report.csv")))
+        assert len(rows) == 1 and rows[0]["metric"] == "val/accuracy"
+        assert f"{float(rows[0]['best']):.4g}" == final
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# ----------------------------------------------------------------------------- version folders
+def _allocate_many(root: str, count: int, queue) -> None:
+    from melora_lit.training.run_folders import allocate_version
+
+    queue.put([allocate_version(root) for _ in range(count)])
+
+
+def test_version_folders_are_allocated_atomically_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_allocate_many, args=(str(tmp_path), 10, queue)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    got = [v for _ in procs for v in queue.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=60)
+    assert sorted(got) == list(range(60))  # 60 folders, none shared
+    assert sorted(int(p.name.split("_")[1]) for p in tmp_path.iterdir()) == list(range(60))
+
+
+def test_two_runs_started_together_get_two_folders(base, tmp_path):
+    root = tmp_path / "together"
+    args = ["fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    procs = [subprocess.Popen(melora_cmd(*args, "--model.learning_rate", lr), env=melora_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for lr in ("1e-2", "3e-2")]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    runs = sorted((root / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    rates = set()
+    for run in runs:
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        rates.add(_load(run / "checkpoints" / "last.ckpt")["hyper_parameters"]["learning_rate"])
+        assert f"learning_rate: {_load(run / 'checkpoints' / 'last.ckpt')['hyper_parameters']['learning_rate']}" \
+            in (run / "config.yaml").read_text()
+    assert rates == {1e-2, 3e-2}
+
+
+# ----------------------------------------------------------------------------- SIGTERM twice
+@pytest.mark.parametrize("gap", [0.05, 1.0])
+def test_a_second_sigterm_changes_nothing(base, tmp_path, gap):
+    root = tmp_path / "sigterm"
+    proc = subprocess.Popen(melora_cmd("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                                       "--checkpoint.every_n_train_steps", "1", "--trainer.max_epochs", "3"),
+                            env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(ckpts.glob("epoch=*-step=*.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    print(f"gap {gap} s: exit {proc.returncode}")
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "received SIGTERM: stopped after step" in err and "Traceback" not in err
+    last = _load(ckpts / "last.ckpt")
+    assert 1 <= last["global_step"] < 18
+    assert not list(ckpts.glob(".ckpt-tmp-*"))
+
+
+def test_a_run_killed_in_its_first_checkpoint_write_is_found_and_its_temp_file_removed(tmp_path):
+    """No last.ckpt, only the temp file of a dead writer: ``last`` has nothing to resume, the temp
+    file goes, and ``auto`` is told to start that run again in its own folder. A live writer's
+    temp file (this process) and an older run's files are left alone."""
+    from melora_lit.training.run_folders import find_last
+
+    logs = tmp_path / "lightning_logs"
+    older = logs / "version_0" / "checkpoints"
+    older.mkdir(parents=True)
+    (older / "last.ckpt").write_bytes(b"older run")
+    dead = logs / "version_1" / "checkpoints"
+    dead.mkdir(parents=True)
+    (dead / f".ckpt-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de").write_bytes(b"half")
+    assert find_last(None, logs, tmp_path / "checkpoints") == (None, logs / "version_1")
+    assert not dead.exists() and (older / "last.ckpt").read_bytes() == b"older run"
+    live = logs / "version_2" / "checkpoints"
+    live.mkdir(parents=True)
+    (live / f".ckpt-tmp-{socket.gethostname()}-{os.getppid()}-0badc0de").write_bytes(b"being written")
+    assert find_last(None, logs, None) == (older / "last.ckpt", None)  # version_2 is not dead: skipped
+    assert len(list(live.iterdir())) == 1
+
+
+def test_a_sharded_checkpoint_folder_resumes_through_the_cli(base, tmp_path):
+    """FSDP2 with ``save_distributed_checkpoint: true`` writes Lightning's sharded folder (one file
+    per rank): ``--ckpt_path last`` finds it, checks it (its ``meta.pt``) and the 2-process run
+    continues it in its folder."""
+    root = tmp_path / "sharded"
+    args = ["fit", "--config", str(base["cfg"]), "--config", str(Path(__file__).parents[1] / "configs/strategy/fsdp2.yaml"),
+            "--trainer.devices", "2", "--trainer.strategy.init_args.save_distributed_checkpoint", "true",
+            "--trainer.default_root_dir", str(root)]
+    first = run_cli(*args, "--trainer.max_epochs", "1", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == 2
+    assert _load(last / "meta.pt")["global_step"] == 3  # 48 rows, 2 processes of batch 8
+    again = run_cli(*args, "--trainer.max_epochs", "2", "--ckpt_path", "last", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count(f"resuming from {last}") == 1
+    assert "melora-lit: after 6 steps" in again.stderr
+    assert _load(last / "meta.pt")["global_step"] == 6
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
