@@ -27,7 +27,7 @@ from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThro
 from .sources import gguf_source
 from .training.checkpoints import EXIT_PREEMPTED, ResumableCheckpoint, check_checkpoint_file
 from .training.guards import NonFiniteGuard
-from .training.resume import ExactResume
+from .training.resume import ExactResume, check_resume_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -67,6 +67,7 @@ class MELoRACLI(LightningCLI):
         if self.config[self.subcommand].get("ckpt_path") == "last":
             self._resume_latest_run()
         self._check_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"))  # "last", resolved
+        check_resume_checkpoint(self.config_init[self.subcommand].get("ckpt_path"), self.trainer.world_size)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hparams (weights_only=True) before anything else: a
