@@ -553,12 +553,12 @@ def test_each_rank_deals_and_resumes_its_share_of_the_epoch_order(num_workers):
 
     data = list(range(27))
 
-    def loader(rank: int, grouped: bool) -> ResumableDataLoader:
+    def loader(rank: int, grouped: bool, workers: int = num_workers) -> ResumableDataLoader:
         sampler = (LengthGroupedSampler([(i * 7) % 13 for i in data], 4, seed=3, mega_batch_mult=2,
                                         num_replicas=2, rank=rank)
                    if grouped else ResumableRandomSampler(data, seed=3, num_replicas=2, rank=rank))
         sampler.set_epoch(1)
-        return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=num_workers)
+        return ResumableDataLoader(data, batch_size=4, sampler=sampler, num_workers=workers)
 
     for grouped in (False, True):
         order = (loader(0, True).sampler.epoch_order() if grouped
@@ -574,9 +574,10 @@ def test_each_rank_deals_and_resumes_its_share_of_the_epoch_order(num_workers):
             del it
             assert state["sampler"] == {"epoch": 1, "yielded": 8, "seed": 3, "num_replicas": 2, "num_samples": 14,
                                         "batch_size": 4, "num_workers": num_workers}
-            resumed = loader(rank, grouped)
-            resumed.load_state_dict(state)
-            assert seen + [int(i) for batch in resumed for i in batch] == full[rank], (grouped, rank)
+            for workers in (num_workers, 2 - num_workers):  # torchdata's state; the position alone
+                resumed = loader(rank, grouped, workers)
+                resumed.load_state_dict(state)
+                assert seen + [int(i) for batch in resumed for i in batch] == full[rank], (grouped, rank, workers)
 
 
 def _bert_classifier():

@@ -196,6 +196,9 @@ class ResumableDataLoader(StatefulDataLoader):
     (the datasets here have no per-worker state).
     """
 
+    _position: dict[str, Any] | None = None  # after the last batch handed out
+    _resumed: dict[str, Any] | None = None  # the position loaded, until the next pass starts
+
     def __iter__(self) -> Iterator[Any]:
         # Lightning calls iter() while configure_optimizers counts the steps, before a resumed
         # run's state is loaded; with workers the iterator would already have drawn indices
@@ -225,9 +228,6 @@ class ResumableDataLoader(StatefulDataLoader):
                 "num_replicas": sampler.num_replicas, "num_samples": sampler.num_samples,
                 "batch_size": self.batch_size, "num_workers": self.num_workers}
 
-    _position: dict[str, Any] | None = None
-    _resumed: dict[str, Any] | None = None
-
     def state_dict(self) -> dict[str, Any]:
         if not isinstance(self.sampler, ResumableSampler):
             return super().state_dict()
@@ -245,8 +245,7 @@ class ResumableDataLoader(StatefulDataLoader):
             super().load_state_dict(loader_state)  # torchdata's: sampler, workers' seeds, datasets
         else:  # another worker count (or no batch yet): the sampler's position alone
             super().load_state_dict({})
-            self.sampler.load_state_dict({"yielded": int(position.get("yielded", 0)),
-                                          **{k: v for k, v in position.items() if k != "yielded"}})
+            self.sampler.load_state_dict({"yielded": 0, **position})
 
 
 # ----------------------------------------------------------------------------- RNG state
