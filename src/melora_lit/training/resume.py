@@ -18,7 +18,9 @@ with exactly the samples, dropout masks and optimizer state of an uninterrupted 
 
 A checkpoint saved mid-epoch resumes exactly only with the number of processes that saved it
 (the epoch's order depends on it): any other number is refused in one line
-(:func:`check_same_data_order`); a checkpoint saved at the end of an epoch resumes on any number.
+(:func:`check_same_data_order`). A checkpoint saved at the end of an epoch resumes on any
+number, as long as an epoch keeps its number of batches (Lightning counts the next epoch's
+batches from the saved count).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import random
 import warnings
 from collections.abc import Sized
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
