@@ -40,7 +40,7 @@ from .training.checkpoints import (
 )
 from .training.run_folders import LAST, LAST_OR_NEW, allocate_version, find_last, remove_failed_run, version_of
 from .training.guards import NonFiniteGuard
-from .training.resume import ExactResume
+from .training.resume import ExactResume, check_resume_checkpoint
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -179,7 +179,9 @@ class MELoRACLI(LightningCLI):
         # everything that can refuse the run, before fit writes anything into a run folder
         path = self.config_init[self.subcommand].get("ckpt_path")
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
-            check_resume(path, read_checkpoint(path), self.model.hparams, getattr(self.datamodule, "seed", None))
+            ckpt = read_checkpoint(path)
+            check_resume(path, ckpt, self.model.hparams, getattr(self.datamodule, "seed", None))
+            check_resume_checkpoint(ckpt, self.trainer.world_size)  # mid-epoch: the same number of processes
         for callback in self.trainer.checkpoint_callbacks:
             _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule)
 

@@ -13,7 +13,7 @@ from typing import ClassVar, Iterator, Literal
 import torch
 from datasets import Dataset, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
@@ -50,25 +50,23 @@ ALPACA_PROMPT_NO_INPUT = (
 _RECORD_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class LengthGroupedSampler(ResumableSampler, Sampler[int]):
+class LengthGroupedSampler(ResumableSampler):
     """Indices in a seeded random order in which neighbours have similar lengths.
 
     Each epoch: a random permutation, cut into mega-batches of ``batch_size * mega_batch_mult``
     indices, each sorted by length, longest first (so batches pad little); the mega-batch that
     holds the longest example goes first, so a too-large batch fails at the first step. The
-    order changes every epoch and is the same for the same seed and epoch; a resumed run
-    continues it mid-epoch (:class:`~melora_lit.training.resume.ResumableSampler`).
+    order changes every epoch and is the same for the same seed and epoch; several processes
+    share it, and a resumed run continues it mid-epoch
+    (:class:`~melora_lit.training.resume.ResumableSampler`).
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 42, mega_batch_mult: int = 50) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 42, mega_batch_mult: int = 50,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.seed = seed
         self.mega_batch_mult = mega_batch_mult
-        self._init_position()
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        super().__init__(self.lengths, seed, num_replicas, rank)
 
     def epoch_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

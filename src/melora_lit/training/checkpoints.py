@@ -388,6 +388,14 @@ class ResumableCheckpoint(ModelCheckpoint):
                         previous(signum, frame)
 
             signal.signal(signal.SIGUSR1, on_usr1)
+        if trainer.world_size > 1 and _in_main_thread():
+            # Lightning's SIGTERM handler broadcasts from inside the handler, on whichever rank got
+            # the signal: unmatched by the other ranks, that collective hangs the job. Here SIGTERM
+            # only marks the run; on_train_batch_end's all-reduce stops every rank after one step.
+            self._previous_term = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_preempt_signal", "SIGTERM"))
+
+    _previous_term: Any = None
 
     def _remove_checkpoints_beyond_top_k(self) -> None:
         """A kill between writing a new top-k checkpoint and removing the one it replaced leaves
@@ -404,6 +412,9 @@ class ResumableCheckpoint(ModelCheckpoint):
             # a repeated SIGUSR1 during the shutdown must not end the process: keep it ignored
             signal.signal(signal.SIGUSR1, signal.SIG_IGN if self._preempt_signal else self._previous_usr1)
             self._previous_usr1 = None
+        if self._previous_term is not None and _in_main_thread():
+            signal.signal(signal.SIGTERM, self._previous_term)
+            self._previous_term = None
         super().teardown(trainer, pl_module, stage)
 
     # -- preemption

@@ -1,125 +1,253 @@
-"""Exact resume: the train order is a function of ``(seed, epoch)``, the loader's position and
-every RNG state go into each checkpoint.
+"""Exact resume, on one process and on many: a run stopped at any step and resumed continues
+with exactly the samples, dropout masks and optimizer state of an uninterrupted run.
 
-* :class:`ResumableRandomSampler` / :class:`ResumableDataLoader`: the train order is a function
-  of ``(seed, epoch)`` and the loader's position is saved in every checkpoint (Lightning saves
-  and restores the state of a loader with ``state_dict``/``load_state_dict``), so a run resumed
-  mid-epoch sees exactly the samples the interrupted run had not seen yet.
-* :class:`ExactResume`: the torch (CPU and CUDA), numpy and Python RNG states go into every
-  checkpoint and come back before the first resumed step (Lightning saves none of them), so
-  dropout draws the same masks as in an uninterrupted run; and the loader's position is
-  applied (see the class).
+* :class:`ResumableSampler` (:class:`ResumableRandomSampler`, and the length-grouped order of
+  instruction data): each process's share of an epoch order that is a function of ``(seed,
+  epoch)``, dealt to the processes as ``DistributedSampler`` deals (so it depends on the number
+  of processes too), with its position (torchdata's ``StatefulDistributedSampler``). Being a
+  ``DistributedSampler``, Lightning keeps it under DDP/FSDP whatever ``use_distributed_sampler``
+  says (Lightning swaps in its own sampler only for samplers that are not one).
+* :class:`ResumableDataLoader`: torchdata's ``StatefulDataLoader``, whose ``state_dict`` is the
+  position of the last batch handed to the training loop (with workers too, which draw indices
+  batches ahead). It makes its iterator when the first batch is asked for, not when Lightning
+  calls ``iter``: Lightning does that while ``configure_optimizers`` reads
+  ``trainer.estimated_stepping_batches``, before a resumed run's state is loaded.
+* :class:`ExactResume`: every checkpoint holds, for every process, the torch (CPU and CUDA),
+  numpy and Python RNG states and the train loader's position, gathered to rank 0 (which writes
+  the checkpoint); on resume each process takes its own back right before the first step.
+
+A checkpoint saved mid-epoch resumes exactly only with the number of processes that saved it
+(the epoch's order depends on it): any other number is refused in one line
+(:func:`check_same_data_order`). A checkpoint saved at the end of an epoch resumes on any
+number, as long as an epoch keeps its number of batches (Lightning counts the next epoch's
+batches from the saved count).
 """
 
 from __future__ import annotations
 
 import random
+import warnings
+from collections.abc import Sized
+from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.data import _set_sampler_epoch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-__all__ = ["ExactResume", "ResumableDataLoader", "ResumableRandomSampler", "ResumableSampler"]
+# torchdata 0.11 calls torch.set_vital, deprecated by recent torch: a warning for every loader
+# made, about torchdata's internals
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+__all__ = [
+    "ExactResume",
+    "ResumableDataLoader",
+    "ResumableRandomSampler",
+    "ResumableSampler",
+    "check_resume_checkpoint",
+    "check_same_data_order",
+]
+
 
 # ----------------------------------------------------------------------------- data order
-class ResumableSampler:
-    """What makes a sampler resumable (a mixin): its order is a function of ``seed`` and the
-    epoch (set by Lightning through :meth:`set_epoch`) given by :meth:`epoch_order`, and it can
-    start part-way through an epoch (:meth:`load_state_dict`). A subclass sets ``seed`` and
-    calls :meth:`_init_position`."""
+def _data_parallel(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """The number of processes that share the data and this one's rank: the default process
+    group's (every melora-lit strategy is pure data parallelism: FSDP2Strategy refuses tensor
+    parallelism), or 1 and 0 without one."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    return num_replicas, rank
 
-    seed: int
-    epoch: int
 
-    def _init_position(self) -> None:
-        self.epoch = 0
-        self._yielded = 0  # indices handed out in the current epoch
-        self._started = {"epoch": 0, "start": 0}
-        self._resume: dict[str, int] | None = None
+class _DealsEpochOrder(DistributedSampler):
+    # DistributedSampler (shuffle=False) deals the positions 0..n-1 to the processes, padded to
+    # a multiple of their number; each position is mapped through the epoch's order here, so
+    # the dealing is DistributedSampler's own and the order is the subclass's.
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        return (order[position] for position in super().__iter__())
+
+
+class ResumableSampler(StatefulDistributedSampler, _DealsEpochOrder):
+    """This process's share of an epoch order that depends only on ``seed`` and the epoch (set
+    by Lightning through ``set_epoch``), resumable part-way through an epoch.
+
+    A subclass gives the whole epoch's order in :meth:`epoch_order` (the same on every
+    process); the processes take every ``num_replicas``-th index of it, the order padded as
+    ``DistributedSampler`` pads it. ``num_replicas`` and ``rank``: by default those of the
+    default process group, or 1 and 0. The position (``StatefulDistributedSampler``'s
+    ``yielded``) is saved with the epoch, the seed and the number of processes: a position
+    saved in an epoch that is over is not applied, and a mid-epoch one of another seed or
+    number of processes is refused (:func:`check_same_data_order`).
+    """
+
+    def __init__(self, dataset: Sized, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        num_replicas, rank = _data_parallel(num_replicas, rank)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, seed=int(seed))
+        self._resume: dict[str, Any] | None = None
 
     def epoch_order(self) -> list[int]:
         raise NotImplementedError
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __iter__(self) -> Iterator[int]:
-        order = self.epoch_order()
-        start = 0
-        if self._resume is not None and self._resume.get("epoch") == self.epoch:
-            start = min(int(self._resume.get("yielded", 0)), len(order))
-        self._resume = None
-        self._yielded = start
-        self._started = {"epoch": self.epoch, "start": start}  # where this pass began
-        for index in order[start:]:
-            self._yielded += 1  # drawn, not yet trained on: ResumableDataLoader counts those
-            yield index
+        if self._resume is not None:
+            check_same_data_order(self._resume, self.seed, self.num_replicas, self.epoch)
+            if self._resume.get("epoch", self.epoch) != self.epoch:
+                self.next_yielded = None  # saved in an epoch that is over: this one starts at 0
+            self._resume = None
+        return super().__iter__()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded, "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "epoch": self.epoch, "seed": self.seed,
+                "num_replicas": self.num_replicas, "num_samples": self.num_samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the checkpoint's data order has seed {state.get('seed')}, this run's seed is "
-                             f"{self.seed}: pass the same --data.seed to resume")
-        self._resume = dict(state)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._resume = dict(state_dict)
 
 
-class ResumableRandomSampler(ResumableSampler, RandomSampler):
-    """A random order of ``data_source`` that depends only on ``seed`` and the epoch, and that
-    can start part-way through an epoch.
+class ResumableRandomSampler(ResumableSampler):
+    """A random order of ``data_source`` that depends only on ``seed`` and the epoch."""
 
-    It subclasses ``RandomSampler`` so that under DDP Lightning swaps in its
-    ``DistributedSampler`` exactly as before.
-    """
-
-    def __init__(self, data_source: Any, seed: int) -> None:
-        RandomSampler.__init__(self, data_source)
-        self.seed = int(seed)
-        self._init_position()
+    def __init__(self, data_source: Sized, seed: int, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        super().__init__(data_source, seed, num_replicas, rank)
+        self.data_source = data_source
 
     def epoch_order(self) -> list[int]:
-        # a fresh generator per epoch: the order never depends on how many epochs this process ran
+        # a fresh generator per epoch: the order never depends on how many epochs this process
+        # ran; seeds far apart, so that (seed, epoch + 1) and (seed + 1, epoch) differ
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position Lightning saves with each checkpoint and restores on resume
-    (it checks for ``state_dict``/``load_state_dict``), when its sampler is a
-    :class:`ResumableSampler`. Under DDP Lightning replaces the sampler: its state is then
-    empty and the run resumes at the start of the epoch's remaining batches in a new order."""
+def _mid_epoch(position: dict[str, Any], epoch: int | None = None) -> bool:
+    """Whether a saved position is part-way through its epoch (and that epoch is ``epoch``)."""
+    yielded, total = int(position.get("yielded", 0)), int(position.get("num_samples", 0) or 0)
+    return yielded > 0 and (not total or yielded < total) and (epoch is None or position.get("epoch", epoch) == epoch)
+
+
+def check_same_data_order(position: dict[str, Any], seed: int, num_replicas: int, epoch: int | None = None,
+                          epoch_batches: int | None = None) -> None:
+    """Refuse (one-line ``ValueError``) to resume a saved loader ``position`` (a
+    :class:`ResumableDataLoader`'s ``state_dict()["sampler"]``) where the run would not continue
+    exactly: mid-epoch with another data seed or number of processes (the rest of the epoch
+    would not be the rest of the same order); at the end of an epoch with another number of
+    batches per epoch (Lightning counts the batches of the next epoch from the saved count, so
+    it would cut that epoch short). ``epoch``: the epoch being resumed, ``epoch_batches``: its
+    number of batches, where known."""
+    yielded, total = int(position.get("yielded", 0)), position.get("num_samples", "?")
+    saved = int(position.get("num_replicas", 1))
+    processes = f"{saved} process{'es' if saved != 1 else ''}"
+    if _mid_epoch(position, epoch):
+        saved_seed = position.get("seed", seed)
+        if saved_seed != seed:
+            raise ValueError(f"the checkpoint's data order has seed {saved_seed}, this run's seed is {seed}: "
+                             "pass the same --data.seed to resume")
+        if saved != num_replicas:
+            raise ValueError(
+                f"the checkpoint was saved mid-epoch (epoch {position.get('epoch', '?')}, {yielded} of {total} "
+                f"samples per process) by {processes} and this run has {num_replicas}: the epoch's data order "
+                f"depends on the number of processes; resume with {saved} (--trainer.devices x "
+                "--trainer.num_nodes) or from a checkpoint saved at the end of an epoch")
+        return
+    batch_size = position.get("batch_size")
+    if epoch_batches is None or not batch_size or not yielded:
+        return
+    saved_batches = -(-int(total) // int(batch_size))
+    if saved_batches != epoch_batches:
+        raise ValueError(
+            f"the checkpoint was saved at the end of an epoch of {saved_batches} batches per process ({processes}, "
+            f"batch size {batch_size}) and this run's epochs have {epoch_batches}: Lightning would cut the next "
+            f"epoch short; keep {saved_batches} batches per epoch (per-process batch size x processes = "
+            f"{int(batch_size) * saved}) or resume with the same processes and batch size")
+
+
+class _OnFirstBatch(Iterator[Any]):
+    """An iterator that makes the real one when the first batch is asked for."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self._loader = loader
+        self._batches: Iterator[Any] | None = None
+
+    def __iter__(self) -> _OnFirstBatch:
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._batches = self._loader._start()
+        return next(self._batches)
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` for a :class:`ResumableSampler`, whose state Lightning
+    (and :class:`ExactResume`, per process) saves with each checkpoint.
+
+    Its ``state_dict`` is torchdata's (the position after the last batch handed out, with
+    workers too) plus ``"sampler"``: that position in plain words (epoch, samples per process
+    handed out, seed, number of processes, workers), read to check a resume before it starts.
+    With another number of workers than saved, the position is applied to the sampler alone
+    (the datasets here have no per-worker state).
+    """
+
+    _position: dict[str, Any] | None = None  # after the last batch handed out
+    _resumed: dict[str, Any] | None = None  # the position loaded, until the next pass starts
 
     def __iter__(self) -> Iterator[Any]:
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            return super().__iter__()
-        return self._counted(super().__iter__())
+        # Lightning calls iter() while configure_optimizers counts the steps, before a resumed
+        # run's state is loaded; with workers the iterator would already have drawn indices
+        return _OnFirstBatch(self)
 
-    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
-        # The position counts batches handed to the training loop, not indices the sampler gave
-        # out (with workers it runs batches ahead); its start is read once the sampler has begun
-        # (lazily without workers: Lightning creates the iterator before it loads the state).
+    def _start(self) -> Iterator[Any]:
         sampler = self.sampler
-        total = len(sampler)
+        batches = super().__iter__()
+        if not isinstance(sampler, ResumableSampler) or self.batch_size is None:
+            return batches
+        start = 0
+        if self._resumed and self._resumed.get("epoch") == sampler.epoch:
+            start = int(self._resumed.get("yielded", 0))
+        self._resumed = None
+        self._position = self._describe(sampler.epoch, start)
+        return self._counted(batches, start)
+
+    def _counted(self, batches: Iterator[Any], start: int) -> Iterator[Any]:
+        epoch = self.sampler.epoch
         for count, batch in enumerate(batches, start=1):
-            began = sampler._started
-            self._position = {"epoch": began["epoch"], "yielded": min(began["start"] + count * self.batch_size, total),
-                              "seed": sampler.seed}
+            self._position = self._describe(epoch, start + count * self.batch_size)
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
+    def _describe(self, epoch: int, yielded: int) -> dict[str, Any]:
         sampler = self.sampler
-        if not isinstance(sampler, ResumableSampler):
-            return {}
-        return {"sampler": dict(getattr(self, "_position", None) or sampler.state_dict())}
+        return {"epoch": int(epoch), "yielded": min(int(yielded), sampler.num_samples), "seed": sampler.seed,
+                "num_replicas": sampler.num_replicas, "num_samples": sampler.num_samples,
+                "batch_size": self.batch_size, "num_workers": self.num_workers}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("sampler") and isinstance(self.sampler, ResumableSampler):
-            self.sampler.load_state_dict(state["sampler"])
+    def state_dict(self) -> dict[str, Any]:
+        if not isinstance(self.sampler, ResumableSampler):
+            return super().state_dict()
+        if self._position is None:  # no batch yet: the start of the sampler's epoch
+            return {"sampler": self._describe(self.sampler.epoch, 0)}
+        return {**super().state_dict(), "sampler": dict(self._position)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("sampler") if isinstance(self.sampler, ResumableSampler) else None
+        if position is None:
+            return super().load_state_dict(state_dict)
+        self._resumed = dict(position)
+        loader_state = {k: v for k, v in state_dict.items() if k != "sampler"}
+        if loader_state and position.get("num_workers") == self.num_workers:
+            super().load_state_dict(loader_state)  # torchdata's: sampler, workers' seeds, datasets
+        else:  # another worker count (or no batch yet): the sampler's position alone
+            super().load_state_dict({})
+            self.sampler.load_state_dict({"yielded": 0, **position})
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -151,42 +279,76 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-class ExactResume(Callback):
-    """Saves the torch, CUDA, numpy and Python RNG states in every checkpoint and, when training
-    resumes, restores them right before the first step (nothing in between may draw from them).
+# ----------------------------------------------------------------------------- the callback
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every process, by rank (a collective when there are several)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
-    It also hands the train loader its saved position: Lightning restores loader states only
-    when it builds the train loader after restoring the loops, but ``configure_optimizers``
-    (``trainer.estimated_stepping_batches``) builds it earlier, so Lightning's pending states
-    would never be applied.
+
+class ExactResume(Callback):
+    """Saves each process's RNG states (torch CPU and CUDA, numpy, Python) and train loader
+    position in every checkpoint, gathered to rank 0 (a collective: every rank saves
+    checkpoints together, as Lightning's checkpointing requires anyway); when training resumes,
+    each process takes its own back right before the first step (nothing in between may draw
+    from the RNGs). Lightning saves no RNG state, and the loader state it saves is rank 0's.
+
+    A checkpoint saved mid-epoch by another number of processes is refused in one line.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
 
     @property
     def state_key(self) -> str:
         return "ExactResume"
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # state_dict() gets no trainer; the loader is the trainer's
+
+    def _train_loader(self) -> ResumableDataLoader | None:
+        trainer = self._trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        return loader if isinstance(loader, ResumableDataLoader) else None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state()}
+        loader = self._train_loader()
+        mine = {"rng": _rng_state(), "train_loader": loader.state_dict() if loader is not None else None}
+        ranks = _gather(mine)
+        return {"world_size": len(ranks), "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng") if state_dict else None
+        self._pending = dict(state_dict) if state_dict else None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loop = trainer.fit_loop
-        states = getattr(loop, "_combined_loader_states_to_load", None)
-        if states and loop._combined_loader is not None:
-            loop._combined_loader._load_state_dicts(states)
-            loop._combined_loader_states_to_load = []
-            # The iterator already exists (made with the loader, before the state was loaded),
-            # and one with workers has drawn indices from the start of epoch 0: make it again,
-            # for the epoch being resumed. The loop draws the first batch later.
-            for loader in loop._combined_loader.flattened:
-                _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
-            if loop._data_fetcher is not None:
-                iter(loop._data_fetcher)
-        if self._pending is not None:
-            _set_rng_state(self._pending)
-            self._pending = None
+        state, self._pending = self._pending, None
+        if not state:
+            return
+        if "ranks" not in state:  # a checkpoint of one process from before per-rank states
+            state = {"world_size": 1, "ranks": [{"rng": state.get("rng"), "train_loader": None}]}
+        ranks = state["ranks"]
+        loader = self._train_loader()
+        mine = ranks[trainer.global_rank] if trainer.global_rank < len(ranks) else None
+        if loader is not None and (ranks[0] or {}).get("train_loader"):
+            # every rank checks the same (rank 0's) position, so that all refuse together
+            position = ranks[0]["train_loader"].get("sampler") or {}
+            check_same_data_order(position, loader.sampler.seed, loader.sampler.num_replicas, trainer.current_epoch,
+                                  len(loader))
+            if mine is not None and _mid_epoch(position, trainer.current_epoch):  # else the epoch starts at 0
+                loader.load_state_dict(mine["train_loader"])
+        if mine is not None and mine.get("rng") is not None:
+            _set_rng_state(mine["rng"])  # another number of processes: the new ones keep fresh seeds
+
+
+def check_resume_checkpoint(ckpt: dict[str, Any], world_size: int) -> None:
+    """Before a run resumes from the checkpoint ``ckpt`` (as read) with ``world_size`` processes:
+    refuse it in one line if it was saved mid-epoch by another number of processes (so that
+    nothing is started, logged or written). Anything else is checked when training starts."""
+    ranks = (ckpt.get("callbacks", {}).get("ExactResume") or {}).get("ranks") or []
+    position = ((ranks[0] or {}).get("train_loader") or {}).get("sampler") if ranks else None
+    if position:
+        check_same_data_order(position, position.get("seed"), world_size)
