@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
-from .text_classification import _one_line, _TextDataModuleBase
+from ..errors import describe
+from .text_classification import _TextDataModuleBase
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]
 
@@ -191,7 +192,7 @@ class GLUEDataModule(_TextDataModuleBase):
         except Exception as err:  # offline, not cached, or any other hub failure
             raise ValueError(
                 f"cannot load GLUE task {self.task!r} from the hub ({GLUE_HUB_DATASET}), the hub is "
-                f"unreachable or the data not cached ({_one_line(err)}); pass --data.data_dir with a "
+                f"unreachable or the data not cached ({describe(err)}); pass --data.data_dir with a "
                 f"folder of the GLUE TSVs (<data_dir>/{self.spec.folder}/train.tsv, ...)"
             ) from err
         return DatasetDict({split: data[split] for split in ("train", *self.spec.hub_val_splits)})
@@ -227,7 +228,7 @@ class GLUEDataModule(_TextDataModuleBase):
         except Exception as err:  # a missing column or an unreadable file
             raise ValueError(
                 f"cannot read the GLUE {spec.folder} TSVs in {root / spec.folder} "
-                f"(expected columns {usecols}): {_one_line(err)}"
+                f"(expected columns {usecols}): {describe(err)}"
             ) from err
         raw = raw.rename_columns({k: v for k, v in spec.columns.items() if k != v})
 
@@ -249,6 +250,10 @@ class GLUEDataModule(_TextDataModuleBase):
         for split, ds in raw.items():
             ds = ds.map(encode, batched=True, desc="Parsing labels").filter(well_formed, batched=True)
             dropped = raw[split].num_rows - ds.num_rows
+            if dropped and not ds.num_rows:  # the warning below would be followed by a cryptic empty-loader error
+                wanted = f"one of {', '.join(spec.label_names)}" if spec.label_names else "a number"
+                raise ValueError(f"every row of {files[split]} is malformed (no readable label or text): the first "
+                                 f"label is {raw[split]['label'][0]!r}, the {spec.folder} labels are {wanted}")
             if dropped:
                 rank_zero_warn(f"dropped {dropped} malformed rows of {files[split]}")
             data[split] = ds

@@ -19,7 +19,8 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 
 from ..training.resume import ResumableSampler
 from ..training.metrics import language_modeling_metrics
-from .text_classification import _check_int, _one_line, _TextDataModuleBase
+from ..errors import data_file_error, describe
+from .text_classification import _check_int, _TextDataModuleBase
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -319,7 +320,7 @@ class InstructionDataModule(_TextDataModuleBase):
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+            raise ValueError(data_file_error(path, err)) from err
         if len(ds) == 0:
             raise ValueError(f"{path} has no rows")
         return ds
@@ -330,7 +331,7 @@ class InstructionDataModule(_TextDataModuleBase):
                                 cache_dir=self.cache_dir)
         except Exception as err:  # the hub raises many types; all mean "cannot get it"
             raise ValueError(f"cannot load dataset {self.dataset_name!r} split {self.dataset_split!r}: "
-                             f"{_one_line(err)}") from err
+                             f"{describe(err)}") from err
 
     def _read_train(self) -> Dataset:
         """The train records as read; subclasses with their own data override this."""

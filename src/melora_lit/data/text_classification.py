@@ -6,19 +6,19 @@ package shares (:class:`_TextDataModuleBase`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..sources import resolve_pretrained
+from ..errors import data_file_error, describe, offline_hint
+from ..sources import position_limit, resolve_pretrained
 from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 from ..training.metrics import classification_metrics
 
@@ -34,12 +34,6 @@ _FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-
-
-def _one_line(err: BaseException) -> str:
-    """The first line of an exception, to embed in a one-line error message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
@@ -186,13 +180,18 @@ class _TextDataModuleBase(L.LightningDataModule):
                     "tokenizer is not set: pass --data.tokenizer (a hub name or local path) "
                     "or link it from the model's model_name_or_path"
                 )
+            source = resolve_pretrained(self.tokenizer_name)  # its errors are one line already
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+                tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as err:
-                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-                hint = (" (HF_HUB_OFFLINE is set: pass a local model directory instead)"
-                        if offline and isinstance(err, OSError) else "")
-                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {_one_line(err)}") from err
+                hint = offline_hint(err)
+                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {describe(err)}") from err
+            # longer sequences than the model has positions fail deep in its forward
+            limit = position_limit(self.tokenizer_name, tokenizer)
+            if limit is not None and self.max_length > limit:
+                raise ValueError(f"data.max_length={self.max_length} is more than the {limit} token positions of "
+                                 f"the model {self.tokenizer_name!r}; use a max_length of at most {limit}")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _tokenize(self, ds: Dataset, with_labels: bool = True) -> Dataset:
@@ -257,6 +256,23 @@ def _label_names_from_values(values: list[Any], source: str, column: str) -> lis
         f"{source} has a {type(odd).__name__} label {odd!r} in column {column!r}; "
         "labels must be class names (strings) or integer class ids"
     )
+
+
+def _distinct_labels(ds: Dataset, column: str, source: str) -> list[Any]:
+    """The distinct values of a label column; a one-line error naming the file and the values
+    when they are not one kind of scalar (lists, records, or integers mixed with strings)."""
+    if isinstance(ds.features[column], (Value, ClassLabel)):
+        return ds.unique(column)
+    values = ds[column]  # a JSON column of lists, records or mixed kinds, as Python values
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, (str, int)) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise ValueError(f"{source} has a {type(values[bad]).__name__} label {values[bad]!r} in column {column!r} "
+                         f"(row {bad + 1}); labels must be class names (strings) or integer class ids")
+    first_int = next(i for i, v in enumerate(values) if isinstance(v, int))
+    first_str = next(i for i, v in enumerate(values) if isinstance(v, str))
+    raise ValueError(f"{source} mixes integer and string labels in column {column!r} ({values[first_int]!r} in row "
+                     f"{first_int + 1}, {values[first_str]!r} in row {first_str + 1}); use class names or class ids, "
+                     "not both")
 
 
 def _label_encoder(names: list[str]) -> Callable[[Any], int | None]:
@@ -428,7 +444,8 @@ class TextClassificationDataModule(_TextDataModuleBase):
         if isinstance(feature, ClassLabel):
             names = list(feature.names)
         else:
-            names = _label_names_from_values(train.unique(self.label_column), source, self.label_column)
+            names = _label_names_from_values(_distinct_labels(train, self.label_column, source), source,
+                                             self.label_column)
         if len(names) < 2:
             raise ValueError(f"{source} has a single label {names!r}; classification needs at least 2 classes")
         rank_zero_info(f"label_names inferred from {source}: {names}")
@@ -464,7 +481,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
                 raise ValueError(
                     f"cannot load dataset {self.dataset_name!r}"
                     + (f" ({self.dataset_config_name!r})" if self.dataset_config_name else "")
-                    + f": {_one_line(err)}"
+                    + f": {describe(err)}"
                 ) from err
         return self._hub.get(split)
 
@@ -476,13 +493,17 @@ class TextClassificationDataModule(_TextDataModuleBase):
             raise ValueError(f"data file is empty: {path}")
         builder, options = _FILE_FORMATS[file.suffix.lower()]
         try:
-            return load_dataset(
-                builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options
-            )
+            ds = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options)
+            if builder == "csv" and getattr(ds.features.get(self.label_column), "dtype", None) == "bool":
+                # pandas reads true/false as booleans; here they are class names: read them as text
+                features = Features({**ds.features, self.label_column: Value("string")})
+                ds = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir,
+                                  features=features, **options)
+            return ds
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):  # how datasets reports a file without rows
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {_one_line(err)}") from err
+            raise ValueError(data_file_error(path, err)) from err
 
     @staticmethod
     def _check_columns(ds: Dataset, source: str, required: list[str]) -> None:
@@ -512,7 +533,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
             def as_value(v: Any) -> Any:
                 return v
 
-        unknown = [v for v in ds.unique(self.label_column) if to_id(as_value(v)) is None]
+        unknown = [v for v in _distinct_labels(ds, self.label_column, source) if to_id(as_value(v)) is None]
         if unknown:
             raise ValueError(
                 f"label {as_value(unknown[0])!r} in {source} is not one of the label_names {names}"
@@ -540,7 +561,7 @@ class TextClassificationDataModule(_TextDataModuleBase):
                         test_size=self.val_fraction, seed=self.seed, stratify_by_column="labels"
                     )
                 except ValueError as err:  # a class with too few rows to stratify
-                    rank_zero_warn(f"validation split not stratified ({_one_line(err)})")
+                    rank_zero_warn(f"validation split not stratified ({describe(err)})")
                     parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
                 train, val = parts["train"], parts["test"]
             self._fit_splits = (train, val)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,6 +13,7 @@ from torch import nn
 from .. import __version__
 from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
 from .metrics import classification_metrics, language_modeling_metrics
+from ..errors import first_line, offline_hint
 from ..sources import resolve_pretrained
 
 # Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
@@ -80,9 +80,7 @@ def load_backbone(
                 model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
             )
         except OSError as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
-            raise ValueError(f"cannot load model {model_name_or_path!r}{hint}: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"cannot load model {model_name_or_path!r}{offline_hint(err)}: {first_line(err)}") from None
     config_kwargs: dict[str, Any] = {"num_labels": num_labels}
     if num_labels == 1:
         config_kwargs["problem_type"] = "regression"
@@ -94,9 +92,7 @@ def load_backbone(
             model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs, **kwargs
         )
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
-        raise ValueError(f"cannot load model {model_name_or_path!r}{hint}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot load model {model_name_or_path!r}{offline_hint(err)}: {first_line(err)}") from None
 
 
 class MELoRAModule(L.LightningModule):

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..errors import check_writable
+
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predict`` results next to the input rows.
@@ -26,6 +28,10 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.output_file = output_file
         self.written: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict" and self.output_file:  # refused before the predictions are made
+            check_writable(self.output_file, "prediction_writer.output_file", is_file=True)
 
     def write_on_epoch_end(
         self,
