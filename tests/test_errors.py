@@ -235,4 +235,14 @@ def test_docs_table_shows_each_case_and_its_actual_message(results, work):
             rows[cells[0].strip("`")] = cells[-1].strip("`").strip()  # `` code `` when it holds a `
     assert set(rows) == set(CASES)
     for case in CASES:
-        assert rows[case] == _message(results[case], work).replace("|", "\\|"), case
+        message = _message(results[case], work)
+        if case == "disk_full":  # the file being written when the disk filled: a temporary one
+            assert message.startswith("cannot write $WORK/full_disk_runs/lightning_logs/version_0/checkpoints/")
+            message = re.sub(r"^cannot write \S+:", "cannot write FILE:", message)
+        if "/sys/melora-lit-test" in message:  # how /sys refuses a write differs between machines
+            message = _READ_ONLY.sub("PERMISSION", message)
+            rows[case] = _READ_ONLY.sub("PERMISSION", rows[case])
+        assert rows[case] == message.replace("|", "\\|"), case
+
+
+_READ_ONLY = re.compile(r"(Operation not permitted|Permission denied|Read-only file system)( \[E\w+\])?")

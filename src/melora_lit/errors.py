@@ -123,7 +123,7 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as err:
-                    return number, err.msg
+                    return number, f"{err.msg}{'' if err.msg.endswith(' at') else ' at'} column {err.colno}"
     return None
 
 

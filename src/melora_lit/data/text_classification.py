@@ -189,8 +189,8 @@ class _TextDataModuleBase(L.LightningDataModule):
             # longer sequences than the model has positions fail deep in its forward
             limit = position_limit(self.tokenizer_name, tokenizer)
             if limit is not None and self.max_length > limit:
-                raise ValueError(f"data.max_length={self.max_length} is more than the {limit} token positions of "
-                                 f"the model {self.tokenizer_name!r}; use a max_length of at most {limit}")
+                raise ValueError(f"data.max_length={self.max_length} is more than the model's {limit} token positions "
+                                 f"(max_position_embeddings); use a max_length of at most {limit}")
             self._tokenizer = tokenizer
         return self._tokenizer
 
