@@ -187,10 +187,10 @@ def check_config_files(args: list[str]) -> None:
             yaml.safe_load(file.read_text())
         except yaml.MarkedYAMLError as err:
             mark = err.problem_mark or err.context_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = err.problem or err.context or "invalid YAML"
             context = f" ({err.context})" if err.context and err.problem else ""
-            raise ValueError(f"config {path}: YAML syntax error at {where}{problem}{context}") from None
+            raise ValueError(f"config {path}: YAML syntax error{where}: {problem}{context}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"config {path} is not valid YAML: {first_line(err)}") from None
 

@@ -268,8 +268,10 @@ def _distinct_labels(ds: Dataset, column: str, source: str) -> list[Any]:
     if bad is not None:
         raise ValueError(f"{source} has a {type(values[bad]).__name__} label {values[bad]!r} in column {column!r} "
                          f"(row {bad + 1}); labels must be class names (strings) or integer class ids")
-    first_int = next(i for i, v in enumerate(values) if isinstance(v, int))
-    first_str = next(i for i, v in enumerate(values) if isinstance(v, str))
+    first_int = next((i for i, v in enumerate(values) if isinstance(v, int)), None)
+    first_str = next((i for i, v in enumerate(values) if isinstance(v, str)), None)
+    if first_int is None or first_str is None:
+        return list(dict.fromkeys(values))
     raise ValueError(f"{source} mixes integer and string labels in column {column!r} ({values[first_int]!r} in row "
                      f"{first_int + 1}, {values[first_str]!r} in row {first_str + 1}); use class names or class ids, "
                      "not both")

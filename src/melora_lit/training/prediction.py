@@ -30,6 +30,7 @@ class PredictionWriter(BasePredictionWriter):
         self.written: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "predict" and self.output_file:  # refused before the predictions are made
             check_writable(self.output_file, "prediction_writer.output_file", is_file=True)
 
