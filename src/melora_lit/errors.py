@@ -21,7 +21,6 @@ import re
 import tempfile
 import types
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "EXIT_ENVIRONMENT", "EXIT_USAGE", "ModelSourceError", "OneLineArgumentParser", "check_config_files",
