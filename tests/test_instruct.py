@@ -370,7 +370,7 @@ def test_export_errors_are_one_line(tmp_path, monkeypatch, capsys):
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     code, err = run("--ckpt_path", str(junk), "--output_dir", str(tmp_path / "o"))
-    assert code == 2 and err.startswith("melora-lit: error: cannot read checkpoint") and err.count("\n") == 1
+    assert code == 2 and err.startswith(f"melora-lit: error: checkpoint {junk} ") and err.count("\n") == 1
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")

@@ -7,7 +7,6 @@ Without ``--config`` the packaged quickstart config (MiniLM on BBC News, offline
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from importlib import resources
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from . import __version__
 from .adapter import cpu_kernels
+from .errors import EXIT_USAGE, check_config_files, error_exit, parser_message
 from .training.prediction import PredictionWriter
 from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
@@ -322,35 +322,27 @@ def _run_cli(args: list[str], run: bool) -> MELoRACLI:
     )
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The ``melora-lit`` command: a failure ends as one ``melora-lit: error:`` line and its exit
+    status (:func:`melora_lit.errors.error_exit`), no traceback unless ``MELORA_LIT_DEBUG`` is set."""
     # main passes the (possibly completed) command line as `args`; that is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     preemption.install()  # a second SIGTERM while the preempted run saves and stops changes nothing
+    args = list(sys.argv[1:] if args is None else args)
     try:
         cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
-        cli_main()
+        check_config_files(args)
+        cli_main(args)
     except SIGTERMException:
         # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md)
         preemption.exiting()
         sys.exit(EXIT_PREEMPTED)
-    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
+    except (ValueError, OSError, MisconfigurationException) as err:
         if os.environ.get("MELORA_LIT_DEBUG"):
             raise
-        print(f"melora-lit: error: {_error_line(str(err)) or type(err).__name__}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _error_line(text: str) -> str:
-    """The line of an error message that says what is wrong: the first, except for
-    jsonargparse's union report, whose first line says only that no type fitted."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    if lines[0].startswith("Does not validate against any of the"):
-        reasons = [line[2:] for line in lines if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line]
-        if reasons:
-            return re.sub(r"^config: ", "", reasons[0])
-    return lines[0]
+        line, status = error_exit(err)
+        print(f"melora-lit: error: {line}", file=sys.stderr)
+        sys.exit(status)
 
 
 def _one_line_parser_error(message: str, ex: Exception | None = None) -> None:
@@ -358,28 +350,8 @@ def _one_line_parser_error(message: str, ex: Exception | None = None) -> None:
     multi-line report), exit status 2 as before."""
     if os.environ.get("MELORA_LIT_DEBUG"):
         print(message, file=sys.stderr)
-    print(f"melora-lit: error: {_parser_message(message)}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parser_message(message: str) -> str:
-    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    if not lines:
-        return "invalid arguments"
-    head = re.match(r'Parser key "([^"]+)":\s*(.*)$', lines[0])
-    if head is None:
-        return lines[0]
-    key, rest = head.groups()
-    text = "\n".join([rest, *lines[1:]])
-    given = re.search(r"(?:Given|Got) value:\s*(.*)", text)
-    # the allowed names, from the Literal types jsonargparse tried
-    choices: list[str] = []
-    for inner in re.findall(r"Expected a typing\.Literal\[(.*?)\](?:\.|$)", text, flags=re.M):
-        choices += [c for c in (x.strip().strip("'") for x in inner.split(",")) if c and c not in choices]
-    if given is not None:
-        hint = f"; use one of {', '.join(choices)}" if choices else f": {(rest or lines[1]).split('. Got')[0]}"
-        return f"{key}={given.group(1).strip()!r} is not valid{hint}"
-    return f"{key}: {_error_line(text)}"
+    print(f"melora-lit: error: {parser_message(message)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import ModelSourceError, OneLineArgumentParser, check_writable, first_line
+
 FORMATS = ("merged", "adapter", "peft")
 
 __all__ = ["FORMATS", "export_checkpoint", "export_main", "load_checkpoint_model", "write_model_card"]
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as a ValueError, which ``melora-lit`` prints as one line (exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ValueError(f"export: {message} (see melora-lit export --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog="melora-lit export",
         description="Export a melora-lit checkpoint as a merged transformers model, a melora_lit adapter "
                     "folder and/or a PEFT LoRA adapter. Classifiers and causal LMs alike.",
@@ -68,7 +63,7 @@ def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_o
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"cannot read {config}: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"cannot read {config}: {first_line(err)}") from None
         model = (data or {}).get("model") if isinstance(data, dict) else None
         if not isinstance(model, dict):
             raise ValueError(f"{config} has no model section")
@@ -124,10 +119,17 @@ def export_checkpoint(
         raise ValueError(f"output_dir {output_dir} is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output_dir {output_dir} is not empty; pass --overwrite to write into it")
+    check_writable(out, "output_dir")  # before the model is loaded
     formats = list(FORMATS) if format == "all" else [format]
     targets = {f: (out / f if format == "all" else out) for f in formats}
 
-    module = load_checkpoint_model(ckpt_path, config, model_name_or_path)
+    try:
+        module = load_checkpoint_model(ckpt_path, config, model_name_or_path)
+    except ModelSourceError as err:
+        if model_name_or_path is not None:
+            raise
+        raise ModelSourceError(f"{err}; the backbone's source is the one recorded in {ckpt_path}: pass "
+                               "export --model_name_or_path DIR to load it from another folder") from None
     hp = module.hparams
     source = gguf_source(hp.model_name_or_path, hp.get("gguf_file"))
     resolved = resolve_pretrained(hp.model_name_or_path, hp.get("gguf_file"))
@@ -249,9 +251,7 @@ def export_main(args: Sequence[str]) -> dict[str, Path]:
                              opts.model_name_or_path, opts.overwrite)
 
 
-if __name__ == "__main__":  # python -m melora_lit.export ...
-    try:
-        export_main(sys.argv[1:])
-    except ValueError as err:
-        print(f"melora-lit: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # python -m melora_lit.export ...: as melora-lit export ...
+    from .cli import main
+
+    main(["export", *sys.argv[1:]])

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import OneLineArgumentParser, first_line
+
 __all__ = ["RunSummary", "find_runs", "read_run", "build_report", "report_main"]
 
 _EVENTS = "events.out.tfevents.*"
@@ -413,8 +415,7 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str
         try:
             summary = read_run(run)
         except Exception as err:  # one unreadable run must not hide the others
-            print(f"melora-lit: report: skipping {run}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
-                  file=sys.stderr)
+            print(f"melora-lit: report: skipping {run}: {first_line(err)}", file=sys.stderr)
             continue
         if summary is None:
             skipped.append(str(run))
@@ -443,15 +444,8 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str
     return paths
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as a ValueError, which ``melora-lit`` prints as one line (exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ValueError(f"report: {message} (see melora-lit report --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog="melora-lit report",
         description="Compare runs: a Markdown table (task, method, n, r, trainable and adapter parameters, "
                     "equivalent rank, best validation metric and its epoch, wall time; mean ± std over seeds), "
@@ -470,9 +464,7 @@ def report_main(args: Sequence[str]) -> dict[str, Path]:
     return build_report(opts.run_dirs, opts.output)
 
 
-if __name__ == "__main__":  # python -m melora_lit.report ...
-    try:
-        report_main(sys.argv[1:])
-    except ValueError as err:
-        print(f"melora-lit: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # python -m melora_lit.report ...: as melora-lit report ...
+    from .cli import main
+
+    main(["report", *sys.argv[1:]])

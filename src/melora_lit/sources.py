@@ -26,12 +26,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from .errors import ModelSourceError, first_line, hub_offline, offline_hint
 
 PACKAGE_PREFIX = "package:"
 GGUF_SUFFIX = ".gguf"
 CACHE_ENV = "MELORA_LIT_CACHE"
 
-__all__ = ["resolve_pretrained", "locate_gguf", "gguf_source", "dequantized_gguf", "cache_root"]
+__all__ = ["resolve_pretrained", "locate_gguf", "gguf_source", "dequantized_gguf", "cache_root", "position_limit"]
 
 
 def cache_root() -> Path:
@@ -117,10 +120,7 @@ def resolve_pretrained(name_or_path: str, gguf_file: str | None = None) -> str:
     if located is not None:
         return str(dequantized_gguf(*located))
     if not name_or_path.startswith(PACKAGE_PREFIX):
-        # a hub id is "name" or "org/name"; anything else with a slash is a local path
-        looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-        if looks_local and not Path(name_or_path).expanduser().exists():
-            raise ValueError(f"model path {name_or_path!r} does not exist")
+        _check_local_or_hub(name_or_path)
         return name_or_path
     module_name = name_or_path[len(PACKAGE_PREFIX):]
     try:
@@ -134,6 +134,54 @@ def resolve_pretrained(name_or_path: str, gguf_file: str | None = None) -> str:
         raise ValueError(f"model {name_or_path!r}: package {module_name!r} has no get_model_path() "
                          "and ships no .gguf file")
     return str(module.get_model_path())
+
+
+_MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _check_local_or_hub(name_or_path: str) -> None:
+    """Refuse, with a :class:`~melora_lit.errors.ModelSourceError`, a source that cannot load: a
+    folder that holds no model, a local path that does not exist, or (offline) a hub name that
+    is neither a local folder nor in the hub cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _MODEL_FILES):
+            held = sorted(p.name for p in path.iterdir())[:5]
+            raise ModelSourceError(f"model path {name_or_path!r} is a folder but not a transformers model: it has "
+                                   f"no config.json (it holds {', '.join(held) if held else 'nothing'})")
+        return
+    if path.exists():
+        return  # a file: transformers says what it makes of it
+    # a hub id is "name" or "org/name"; anything else with a slash is a local path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelSourceError(f"model path {name_or_path!r} does not exist")
+    if hub_offline() and not _in_hub_cache(name_or_path):
+        raise ModelSourceError(f"model {name_or_path!r} is neither a local folder (there is no {path.absolute()}) "
+                               f"nor a hub model in the cache{offline_hint()}")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
+def position_limit(name_or_path: str, tokenizer: Any = None) -> int | None:
+    """The longest token sequence the model of a source takes: its config's
+    ``max_position_embeddings``, or the ``tokenizer``'s ``model_max_length`` when smaller
+    (RoBERTa's 514 positions hold 512 tokens); None when neither says (relative positions)."""
+    limits = []
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_pretrained(name_or_path))
+        limits.append(getattr(config, "max_position_embeddings", None))
+    except Exception:  # noqa: BLE001 - no readable config (a tokenizer-only source): no limit known
+        pass
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    # tokenizers without a limit say 1e30
+    known = [v for v in limits if isinstance(v, int) and 0 < v < 1_000_000]
+    return min(known) if known else None
 
 
 def _cache_key(location: str, gguf_file: str) -> tuple[str, Path | None]:
@@ -169,8 +217,7 @@ def dequantized_gguf(location: str, gguf_file: str, cache_dir: str | os.PathLike
         tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load GGUF model {where}: {first}") from None
+        raise ValueError(f"cannot load GGUF model {where}: {first_line(err)}") from None
     # The weights are dequantized; only the GGUF "quantizer" bookkeeping stops save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

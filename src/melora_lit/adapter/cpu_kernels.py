@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import describe
+
 __all__ = ["available", "disabled", "kernels_setting"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "melora_cpu.cpp"
@@ -116,8 +118,7 @@ def _try_build() -> bool:
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         if setting == "1":
             raise RuntimeError(f"MELORA_LIT_CPU_KERNELS=1 but the CPU kernels failed to build: {e}") from e
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"melora_lit: CPU kernels unavailable ({type(e).__name__}: {first}); "
+        warnings.warn(f"melora_lit: CPU kernels unavailable ({describe(e)[:200]}); "
                       "using the plain-torch path (same results, slower on CPU). "
                       "Set MELORA_LIT_CPU_KERNELS=0 to skip the build.", stacklevel=3)
         return False

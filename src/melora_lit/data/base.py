@@ -26,7 +26,6 @@ turns them into dataloaders through ONE loader-building method, :meth:`MELoRADat
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Literal
 
@@ -37,19 +36,14 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..sources import resolve_pretrained
+from ..errors import describe, offline_hint
+from ..sources import position_limit, resolve_pretrained
 from ..training.metrics import classification_metrics, regression_metrics
 from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 
-__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int", "one_line"]
+__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int"]
 
 DataTask = Literal["sequence-classification", "causal-lm"]
-
-
-def one_line(err: BaseException) -> str:
-    """The first line of an exception, to embed in a one-line error message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
@@ -208,13 +202,18 @@ class MELoRADataModule(L.LightningDataModule, ABC):
                     "tokenizer is not set: pass --data.tokenizer (a hub name or local path) "
                     "or link it from the model's model_name_or_path"
                 )
+            source = resolve_pretrained(self.tokenizer_name)  # its errors are one line already
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+                tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError) as err:
-                offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-                hint = (" (HF_HUB_OFFLINE is set: pass a local model directory instead)"
-                        if offline and isinstance(err, OSError) else "")
-                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{hint}: {one_line(err)}") from err
+                raise ValueError(f"cannot load tokenizer {self.tokenizer_name!r}{offline_hint(err)}: "
+                                 f"{describe(err)}") from err
+            # longer sequences than the model has positions fail deep in its forward
+            limit = position_limit(self.tokenizer_name, tokenizer)
+            if limit is not None and self.max_length > limit:
+                raise ValueError(f"data.max_length={self.max_length} is more than the model's {limit} token positions "
+                                 f"(max_position_embeddings); use a max_length of at most {limit}")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool = False,

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
-from .base import ClassificationDataModule, one_line
+from ..errors import describe
+from .base import ClassificationDataModule
 from .glue_submission import glue_test_split
 
 __all__ = ["GLUEDataModule", "GLUE_TASKS"]
@@ -205,7 +206,7 @@ class GLUEDataModule(ClassificationDataModule):
         except Exception as err:  # offline, not cached, or any other hub failure
             raise ValueError(
                 f"cannot load GLUE task {self.task!r} from the hub ({GLUE_HUB_DATASET}), the hub is "
-                f"unreachable or the data not cached ({one_line(err)}); pass --data.data_dir with a "
+                f"unreachable or the data not cached ({describe(err)}); pass --data.data_dir with a "
                 f"folder of the GLUE TSVs (<data_dir>/{self.spec.folder}/train.tsv, ...)"
             ) from err
         return DatasetDict({split: data[split] for split in ("train", *self.spec.hub_val_splits)})
@@ -241,7 +242,7 @@ class GLUEDataModule(ClassificationDataModule):
         except Exception as err:  # a missing column or an unreadable file
             raise ValueError(
                 f"cannot read the GLUE {spec.folder} TSVs in {root / spec.folder} "
-                f"(expected columns {usecols}): {one_line(err)}"
+                f"(expected columns {usecols}): {describe(err)}"
             ) from err
         raw = raw.rename_columns({k: v for k, v in spec.columns.items() if k != v})
 
@@ -263,6 +264,10 @@ class GLUEDataModule(ClassificationDataModule):
         for split, ds in raw.items():
             ds = ds.map(encode, batched=True, desc="Parsing labels").filter(well_formed, batched=True)
             dropped = raw[split].num_rows - ds.num_rows
+            if dropped and not ds.num_rows:  # the warning below would be followed by a cryptic empty-loader error
+                wanted = f"one of {', '.join(spec.label_names)}" if spec.label_names else "a number"
+                raise ValueError(f"every row of {files[split]} is malformed (no readable label or text): the first "
+                                 f"label is {raw[split]['label'][0]!r}, the {spec.folder} labels are {wanted}")
             if dropped:
                 rank_zero_warn(f"dropped {dropped} malformed rows of {files[split]}")
             data[split] = ds

@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 from datasets import Dataset, Features, Value, concatenate_datasets, load_dataset
 
+from ..errors import describe
+
 __all__ = ["SUBMISSION_COLUMN", "SUBMISSION_FILES", "glue_test_split", "write_submission"]
 
 # the raw predict rows of a test split carry the submission file they belong to in this column
@@ -86,8 +88,8 @@ def _read_tsv(spec: _TestFile, root: Path, cache_dir: str | None) -> Dataset:
                           encoding="utf-8-sig", usecols=usecols, keep_default_na=False,
                           features=Features({c: Value("string") for c in usecols}), cache_dir=cache_dir)
     except Exception as err:  # a missing column or an unreadable file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read the GLUE test file {path} (expected columns {usecols}): {first}") from err
+        raise ValueError(f"cannot read the GLUE test file {path} (expected columns {usecols}): "
+                         f"{describe(err)}") from err
     ds = ds.rename_columns({spec.index_column: "index", **{k: v for k, v in spec.columns.items() if k != v}})
     return ds.add_column(SUBMISSION_COLUMN, [spec.name] * ds.num_rows)
 

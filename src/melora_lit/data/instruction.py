@@ -18,8 +18,9 @@ from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..training.metrics import language_modeling_metrics
+from ..errors import data_file_error, describe
 from ..training.resume import ResumableSampler
-from .base import DataTask, MELoRADataModule, check_int, one_line
+from .base import DataTask, MELoRADataModule, check_int
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -311,7 +312,7 @@ class InstructionDataModule(MELoRADataModule):
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {one_line(err)}") from err
+            raise ValueError(data_file_error(path, err)) from err
         if len(ds) == 0:
             raise ValueError(f"{path} has no rows")
         return ds
@@ -322,7 +323,7 @@ class InstructionDataModule(MELoRADataModule):
                                 cache_dir=self.cache_dir)
         except Exception as err:  # the hub raises many types; all mean "cannot get it"
             raise ValueError(f"cannot load dataset {self.dataset_name!r} split {self.dataset_split!r}: "
-                             f"{one_line(err)}") from err
+                             f"{describe(err)}") from err
 
     def _read_train(self) -> Dataset:
         """The train records as read; subclasses with their own data override this."""

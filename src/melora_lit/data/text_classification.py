@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from .base import ClassificationDataModule, one_line
+from ..errors import data_file_error, describe
+from .base import ClassificationDataModule
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -41,6 +42,25 @@ def _label_names_from_values(values: list[Any], source: str, column: str) -> lis
         f"{source} has a {type(odd).__name__} label {odd!r} in column {column!r}; "
         "labels must be class names (strings) or integer class ids"
     )
+
+
+def _distinct_labels(ds: Dataset, column: str, source: str) -> list[Any]:
+    """The distinct values of a label column; a one-line error naming the file and the values
+    when they are not one kind of scalar (lists, records, or integers mixed with strings)."""
+    if isinstance(ds.features[column], (Value, ClassLabel)):
+        return ds.unique(column)
+    values = ds[column]  # a JSON column of lists, records or mixed kinds, as Python values
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, (str, int)) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise ValueError(f"{source} has a {type(values[bad]).__name__} label {values[bad]!r} in column {column!r} "
+                         f"(row {bad + 1}); labels must be class names (strings) or integer class ids")
+    first_int = next((i for i, v in enumerate(values) if isinstance(v, int)), None)
+    first_str = next((i for i, v in enumerate(values) if isinstance(v, str)), None)
+    if first_int is None or first_str is None:
+        return list(dict.fromkeys(values))
+    raise ValueError(f"{source} mixes integer and string labels in column {column!r} ({values[first_int]!r} in row "
+                     f"{first_int + 1}, {values[first_str]!r} in row {first_str + 1}); use class names or class ids, "
+                     "not both")
 
 
 def _label_encoder(names: list[str]) -> Callable[[Any], int | None]:
@@ -208,7 +228,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         if isinstance(feature, ClassLabel):
             names = list(feature.names)
         else:
-            names = _label_names_from_values(train.unique(self.label_column), source, self.label_column)
+            names = _label_names_from_values(_distinct_labels(train, self.label_column, source), source,
+                                             self.label_column)
         if len(names) < 2:
             raise ValueError(f"{source} has a single label {names!r}; classification needs at least 2 classes")
         rank_zero_info(f"label_names inferred from {source}: {names}")
@@ -244,7 +265,7 @@ class TextClassificationDataModule(ClassificationDataModule):
                 raise ValueError(
                     f"cannot load dataset {self.dataset_name!r}"
                     + (f" ({self.dataset_config_name!r})" if self.dataset_config_name else "")
-                    + f": {one_line(err)}"
+                    + f": {describe(err)}"
                 ) from err
         return self._hub.get(split)
 
@@ -256,13 +277,17 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise ValueError(f"data file is empty: {path}")
         builder, options = _FILE_FORMATS[file.suffix.lower()]
         try:
-            return load_dataset(
-                builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options
-            )
+            ds = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options)
+            if builder == "csv" and getattr(ds.features.get(self.label_column), "dtype", None) == "bool":
+                # pandas reads true/false as booleans; here they are class names: read them as text
+                features = Features({**ds.features, self.label_column: Value("string")})
+                ds = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir,
+                                  features=features, **options)
+            return ds
         except Exception as err:  # parser errors come wrapped in several types
             if "corresponds to no data" in str(err):  # how datasets reports a file without rows
                 raise ValueError(f"{path} has no rows") from err
-            raise ValueError(f"cannot read {path}: {one_line(err)}") from err
+            raise ValueError(data_file_error(path, err)) from err
 
     @staticmethod
     def _check_columns(ds: Dataset, source: str, required: list[str]) -> None:
@@ -292,7 +317,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             def as_value(v: Any) -> Any:
                 return v
 
-        unknown = [v for v in ds.unique(self.label_column) if to_id(as_value(v)) is None]
+        unknown = [v for v in _distinct_labels(ds, self.label_column, source) if to_id(as_value(v)) is None]
         if unknown:
             raise ValueError(
                 f"label {as_value(unknown[0])!r} in {source} is not one of the label_names {names}"
@@ -320,7 +345,7 @@ class TextClassificationDataModule(ClassificationDataModule):
                         test_size=self.val_fraction, seed=self.seed, stratify_by_column="labels"
                     )
                 except ValueError as err:  # a class with too few rows to stratify
-                    rank_zero_warn(f"validation split not stratified ({one_line(err)})")
+                    rank_zero_warn(f"validation split not stratified ({describe(err)})")
                     parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
                 train, val = parts["train"], parts["test"]
             self._fit_splits = (train, val)

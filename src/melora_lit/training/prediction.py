@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
+from ..errors import check_writable
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -33,6 +34,11 @@ class PredictionWriter(BasePredictionWriter):
         self.submission_dir = submission_dir
         self.written: Path | None = None
         self.submission: list[Path] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "predict" and self.output_file:  # refused before the predictions are made
+            check_writable(self.output_file, "prediction_writer.output_file", is_file=True)
 
     def write_on_epoch_end(
         self,

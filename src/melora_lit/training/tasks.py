@@ -7,7 +7,6 @@ what an evaluation step logs and what ``predict`` returns. One :class:`Task` per
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from ..errors import first_line, offline_hint
 from ..sources import resolve_pretrained
 
 if TYPE_CHECKING:
@@ -52,9 +52,7 @@ class BackboneSource:
         try:
             return auto_class.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
         except OSError as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-            hint = " (HF_HUB_OFFLINE is set: pass a local model directory instead)" if offline else ""
-            raise ValueError(f"cannot load model {path!r}{hint}: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"cannot load model {path!r}{offline_hint(err)}: {first_line(err)}") from None
 
 
 class Task(ABC):
