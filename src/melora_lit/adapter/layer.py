@@ -63,8 +63,9 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor | None:
-    """The (d_out, d_in) weight of a plain Linear or Conv1D; None for anything else."""
-    if type(module) is nn.Linear:
+    """The (d_out, d_in) weight of a plain Linear or Conv1D; None for anything else (a quantized
+    weight included: its own F.linear dequantizes on the fly, see adapter/quantize.py)."""
+    if type(module) is nn.Linear and type(module.weight) is nn.Parameter:
         return module.weight
     if _is_conv1d(module):
         return module.weight.t()
@@ -318,6 +319,10 @@ class MELoRALinear(nn.Module):
             self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if type(self.base.weight) is not nn.Parameter:  # quantized: merging dequantizes for good,
+            from .quantize import dequantize_model  # re-quantizing would round the update away
+
+            dequantize_model(self.base)
         w = self.base.weight
         d = delta.t() if _is_conv1d(self.base) else delta
         w.copy_((w.float() + d.to(w.device)).to(w.dtype))

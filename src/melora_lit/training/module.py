@@ -14,6 +14,7 @@ from torch import nn
 from .. import __version__
 from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
 from .metrics import classification_metrics, language_modeling_metrics
+from ..adapter.quantize import check_device, check_scheme, quantize_backbone
 from ..sources import resolve_pretrained
 
 # Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
@@ -132,6 +133,10 @@ class MELoRAModule(L.LightningModule):
             checkpoints, so each predict run's config decides.
         gradient_checkpointing: recompute the backbone layers' activations in backward
             (non-reentrant) instead of keeping them: less activation memory, more compute.
+        quantization: store the frozen linear layers quantized, QLoRA-style (needs torchao):
+            ``nf4`` (4-bit NormalFloat, double-quantized scales) or ``int8`` (weight-only). The
+            adapters, head, embeddings and norms stay in full precision; checkpoints stay
+            adapter-only. Single device and DDP (docs/quantization.md).
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class MELoRAModule(L.LightningModule):
         backbone_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         generation: GenerationOptions | None = None,
         gradient_checkpointing: bool = False,
+        quantization: Literal["nf4", "int8"] | None = None,
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
@@ -171,6 +177,7 @@ class MELoRAModule(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps!r} is not valid; use an integer >= 0")
         if backbone_dtype is not None and backbone_dtype not in _DTYPES:
             raise ValueError(f"backbone_dtype={backbone_dtype!r} is not valid; use one of {', '.join(_DTYPES)}")
+        check_scheme(quantization)
         # plain types only in hparams, so checkpoints load with weights_only=True; generation
         # stays out so that a predict run's own settings apply (LightningCLI restores hparams)
         self.save_hyperparameters(ignore=["melora", "generation"])
@@ -187,6 +194,8 @@ class MELoRAModule(L.LightningModule):
         if self.model is not None:  # called again by validate/test after fit
             return
         hp = self.hparams
+        if hp.get("quantization"):  # before any weights load: a setup it cannot serve fails here
+            _check_quantization_setup(hp.quantization, self._trainer)
         extra = {"dtype": _DTYPES[hp.backbone_dtype]} if hp.get("backbone_dtype") else {}
         model = load_backbone(hp.model_name_or_path, hp.task, hp.num_labels, self.label_names,
                               trust_remote_code=hp.trust_remote_code, gguf_file=hp.get("gguf_file"), **extra)
@@ -198,6 +207,8 @@ class MELoRAModule(L.LightningModule):
             heads = [h for h in _CLASSIFIER_HEADS if hasattr(model, h)]
             config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": heads})
         self.summary = inject_melora(model, config)
+        if hp.get("quantization"):
+            self.quantization_summary = quantize_backbone(model, hp.quantization)
         if hp.get("backbone_dtype") not in (None, "float32"):
             _trainable_to_float32(model)
         self.melora_config = config
@@ -447,3 +458,17 @@ def _output_to_input_dtype(module: nn.Module, args: tuple, kwargs: dict, output:
     if dtype is not None and torch.is_tensor(output) and output.is_floating_point():
         return output.to(dtype)
     return output
+
+
+def _check_quantization_setup(scheme: str, trainer: L.Trainer | None) -> None:
+    """One line naming what a quantized backbone cannot run with: the device, or a strategy
+    other than a single device or DDP (FSDP would flatten or shard the quantized tensors)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if trainer is None:  # export and scripts: the backbone stays on the CPU
+        return
+    strategy = trainer.strategy
+    check_device(scheme, strategy.root_device)
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(f"quantization={scheme!r} runs on one device or with DDP, not with "
+                         f"{type(strategy).__name__}; use configs/strategy/ddp.yaml or drop --model.quantization")
