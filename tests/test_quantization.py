@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from torch import nn
 
 pytest.importorskip("torchao", reason="quantization needs torchao (pip install 'melora-lit[quantization]')")
 
-from support import dense_delta, melora_env, run_cli  # noqa: E402
+from support import dense_delta, melora_cmd, melora_env, run_cli  # noqa: E402
 from melora_lit.adapter import MELoRAConfig, MELoRALinear, inject_melora, melora_layers  # noqa: E402
 from melora_lit.adapter.quantize import (  # noqa: E402
     check_device,
@@ -193,16 +193,24 @@ def test_checkpoints_are_adapter_only_and_resume_requantizes_exactly(work, refer
     last = reference["last"]
     assert last["state_dict"] and all(k.endswith((".lora_A", ".lora_B")) for k in last["state_dict"])
     assert last["hyper_parameters"]["quantization"] == "nf4"
-    # a run stopped after step 3: its folder holds that step's checkpoint as last.ckpt
-    root = work["dir"] / "resumed"
-    _ckpts(root).mkdir(parents=True)
-    step3 = next(_ckpts(reference["root"]).glob("epoch=*-step=3.ckpt"))
-    shutil.copy(step3, _ckpts(root) / "last.ckpt")
+    # a run killed once its step-3 checkpoint exists, then resumed with --ckpt_path last
+    root = work["dir"] / "killed"
+    cmd = melora_cmd("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root))
+    proc = subprocess.Popen(cmd, env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(_ckpts(root).glob("epoch=*-step=3.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no step-3 checkpoint"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    stopped = _load(_ckpts(root) / "last.ckpt")["global_step"]
+    assert 0 < stopped < 8  # last.ckpt follows the step checkpoint: it may still say step 2
     proc = run_cli("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root),
                    "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr
     final = _load(_ckpts(root) / "last.ckpt")
+    print(f"killed after step {stopped}; resumed run vs uninterrupted: max abs diff {_max_diff(final, last):.3g}")
     assert final["global_step"] == 8 and _max_diff(final, last) == 0.0
 
 
@@ -246,6 +254,7 @@ def _module(work: dict, **kw):
 
     module = MELoRAModule(work["model"], task="causal-lm", quantization="nf4",
                           melora=MELoRAConfig(r=2, n=2, alpha=4, dropout=0.0, target_modules="all-linear"), **kw)
+    torch.manual_seed(0)  # the same adapter initialisation every time
     module.configure_model()
     return module
 
