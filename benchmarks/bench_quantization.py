@@ -162,7 +162,8 @@ def quality(steps: int, workdir: Path) -> None:
     for label, extra in runs:
         root = workdir / re.sub(r"\W+", "_", label)
         cmd = [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(ROOT / "configs/instruct/quickstart.yaml"),
-               "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(root),
+               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+               "--trainer.default_root_dir", str(root),
                "--trainer.enable_progress_bar", "false", *extra]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

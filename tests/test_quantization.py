@@ -30,6 +30,7 @@ from melora_lit.adapter import MELoRAConfig, MELoRALinear, inject_melora, melora
 from melora_lit.adapter.quantize import (  # noqa: E402
     check_device,
     dequantize,
+    dequantize_model,
     frozen_bytes,
     is_quantized,
     quantize_backbone,
@@ -147,14 +148,14 @@ def work(tmp_path_factory) -> dict:
     train.write_text(json.dumps(rows))
     cfg = {
         "seed_everything": 11,
-        "trainer": {"default_root_dir": str(w / "reference"), "accelerator": "cpu", "devices": 1, "max_epochs": 2,
+        "trainer": {"default_root_dir": str(w / "reference"), "accelerator": "cpu", "devices": 1, "max_epochs": 4,
                     "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
                     "num_sanity_val_steps": 0},
         "model": {"model_name_or_path": str(model_dir), "task": "causal-lm", "learning_rate": 1e-2,
                   "warmup_ratio": 0.0, "quantization": "nf4",
                   "melora": {"r": 2, "n": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         "data": {"class_path": "melora_lit.data.InstructionDataModule",
-                 "init_args": {"train_file": str(train), "val_size": 8, "batch_size": 8, "max_length": 48}},
+                 "init_args": {"train_file": str(train), "val_size": 8, "batch_size": 32, "max_length": 48}},
     }
     import yaml
 
@@ -180,12 +181,13 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference(work) -> dict:
-    """The uninterrupted nf4 run: 2 epochs of 4 steps, every step's checkpoint kept."""
+    """The uninterrupted nf4 run: 4 epochs of one step (all 32 training records), every step's
+    checkpoint kept."""
     proc = run_cli("fit", "--config", str(work["cfg"]), *CKPT_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = work["dir"] / "reference"
     last = _load(_ckpts(root) / "last.ckpt")
-    assert last["global_step"] == 8
+    assert last["global_step"] == 4
     return {"root": root, "last": last}
 
 
@@ -193,37 +195,49 @@ def test_checkpoints_are_adapter_only_and_resume_requantizes_exactly(work, refer
     last = reference["last"]
     assert last["state_dict"] and all(k.endswith((".lora_A", ".lora_B")) for k in last["state_dict"])
     assert last["hyper_parameters"]["quantization"] == "nf4"
-    # a run killed once its step-3 checkpoint exists, then resumed with --ckpt_path last
+    # a run killed once its step-2 checkpoint exists, then resumed with --ckpt_path last
     root = work["dir"] / "killed"
     cmd = melora_cmd("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root))
     proc = subprocess.Popen(cmd, env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not list(_ckpts(root).glob("epoch=*-step=3.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no step-3 checkpoint"
+    while not list(_ckpts(root).glob("epoch=*-step=2.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no step-2 checkpoint"
         time.sleep(0.01)
     proc.kill()
     proc.wait(timeout=60)
     stopped = _load(_ckpts(root) / "last.ckpt")["global_step"]
-    assert 0 < stopped < 8  # last.ckpt follows the step checkpoint: it may still say step 2
+    assert 0 < stopped < 4  # last.ckpt follows the step checkpoint: it may still say step 1
     proc = run_cli("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root),
                    "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr
     final = _load(_ckpts(root) / "last.ckpt")
     print(f"killed after step {stopped}; resumed run vs uninterrupted: max abs diff {_max_diff(final, last):.3g}")
-    assert final["global_step"] == 8 and _max_diff(final, last) == 0.0
+    assert final["global_step"] == 4 and _max_diff(final, last) == 0.0
 
 
-def test_the_nf4_run_trains_on_the_quantized_base(work, reference):
-    """The adapters trained on the nf4 base are close to, not equal to, those of the float32 base."""
-    root = work["dir"] / "float32"
-    proc = run_cli("fit", "--config", str(work["cfg"]), "--model.quantization", "null",
-                   "--trainer.default_root_dir", str(root))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    plain = _load(_ckpts(root) / "last.ckpt")["state_dict"]
-    quant = reference["last"]["state_dict"]
-    diffs = [float((plain[k] - quant[k]).norm() / plain[k].norm()) for k in plain if k.endswith("lora_B")]
-    assert 0 < max(diffs) < 0.5, diffs
+def test_exports_merge_dequantized_and_peft_applies_to_the_nf4_rounded_base(work, reference, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from melora_lit.export import export_checkpoint, load_checkpoint_model
+
+    ckpt = next(_ckpts(reference["root"]).glob("epoch=3-step=4.ckpt"))
+    export_checkpoint(str(ckpt), str(tmp_path / "out"), "all")
+    adapted = load_checkpoint_model(str(ckpt)).model  # the nf4 backbone plus the trained adapter
+    assert any(is_quantized(p) for p in adapted.parameters())
+    ids = torch.tensor([[1, 500, 2000, 30, 7], [9, 8, 7, 6, 5]])
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
+        assert not any(is_quantized(p) for p in merged.parameters())
+        assert (merged(input_ids=ids).logits - expected).abs().max() < 1e-4
+        # PEFT's LoRA on the base rounded through nf4 (quantized, then dequantized) = the same model
+        base = AutoModelForCausalLM.from_pretrained(work["model"]).requires_grad_(False)
+        quantize_backbone(base, "nf4")
+        dequantize_model(base)
+        peft = PeftModel.from_pretrained(base, tmp_path / "out" / "peft").eval()
+        assert (peft(input_ids=ids).logits - expected).abs().max() < 1e-4
 
 
 def _free_port() -> int:
@@ -239,13 +253,13 @@ def test_ddp_two_processes_match_one_process(work, reference):
         env.pop(k, None)
     proc = subprocess.run(
         [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(work["cfg"]), "--config",
-         str(ROOT / "configs/strategy/ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "4",
+         str(ROOT / "configs/strategy/ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "16",
          "--trainer.default_root_dir", str(root)],
         env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp = _load(_ckpts(root) / "last.ckpt")
-    assert ddp["global_step"] == 8
+    assert ddp["global_step"] == 4
     assert _max_diff(ddp, reference["last"]) < 1e-5
 
 
@@ -336,7 +350,8 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusals_are_one_line_before_any_weights_load(case, work, reference):
     args, message = REFUSALS[case]
-    before = _tree(reference["root"])
+    run = reference["root"] / "lightning_logs" / "version_0"
+    before = _tree(run)
     cmd = ["fit", "--config", str(work["cfg"]), *args, "--trainer.default_root_dir", str(reference["root"])]
     if case == "library_missing":  # the same command where torchao cannot be imported
         code = ("import sys; sys.modules['torchao'] = None; from melora_lit.cli import main; "
@@ -349,5 +364,5 @@ def test_refusals_are_one_line_before_any_weights_load(case, work, reference):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert message in errors[0] and "Traceback" not in proc.stderr
     assert "Loading weights" not in proc.stderr  # refused before the backbone was read
-    assert _tree(reference["root"]) == before
+    assert _tree(run) == before  # the earlier run is as it was
     print(f"{case}: {errors[0]}")
