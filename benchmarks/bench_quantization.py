@@ -150,12 +150,13 @@ def step_time(rounds: int, batch: int, seq: int) -> None:
     print()
 
 
-def quality(steps: int, workdir: Path) -> None:
-    print(f"## Quality: instruct quickstart (SmolLM2-135M on Chit-Chat), validation loss after {steps} steps, "
-          "seed 42, the real `melora-lit fit`\n")
+def quality(steps: int, val_batches: int, workdir: Path) -> None:
+    print(f"## Quality: instruct quickstart (SmolLM2-135M on Chit-Chat), validation loss on {val_batches} batches "
+          f"of 8 after {steps} steps of 8, seed 42, the real `melora-lit fit`\n")
     runs = [("fp32", []), ("bf16", ["--model.backbone_dtype", "bfloat16"]),
-            ("int8 (rest fp32)", ["--model.quantization", "int8"]), ("nf4 (rest fp32)", ["--model.quantization", "nf4"]),
-            ("nf4 (rest bf16)", ["--model.quantization", "nf4", "--model.backbone_dtype", "bfloat16"])]
+            ("nf4 (rest fp32)", ["--model.quantization", "nf4"]),
+            ("nf4 (rest bf16)", ["--model.quantization", "nf4", "--model.backbone_dtype", "bfloat16"]),
+            ("int8 (rest fp32)", ["--model.quantization", "int8"])]
     print("| backbone | val/loss | vs fp32 | wall s |")
     print("|---|---:|---:|---:|")
     losses = {}
@@ -163,6 +164,7 @@ def quality(steps: int, workdir: Path) -> None:
         root = workdir / re.sub(r"\W+", "_", label)
         cmd = [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(ROOT / "configs/instruct/quickstart.yaml"),
                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+               "--trainer.limit_val_batches", str(val_batches),
                "--trainer.default_root_dir", str(root),
                "--trainer.enable_progress_bar", "false", *extra]
         t0 = time.perf_counter()
@@ -182,9 +184,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=["memory", "time", "quality"], default=["memory", "time", "quality"])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="training steps of each quality run")
+    p.add_argument("--val_batches", type=int, default=8, help="validation batches of each quality run (8: all)")
     p.add_argument("--workdir", default="bench-quantization-runs", help="where the quality runs write")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -201,7 +204,7 @@ def main(argv=None) -> None:
     if "time" in args.parts:
         step_time(args.rounds, args.batch, args.seq)
     if "quality" in args.parts:
-        quality(args.steps, Path(args.workdir))
+        quality(args.steps, args.val_batches, Path(args.workdir))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

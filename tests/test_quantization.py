@@ -37,7 +37,7 @@ from melora_lit.adapter.quantize import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ANIMALS = ["cow", "dog", "cat", "pig", "duck"]
+ANIMALS = ["dog", "cat", "pig", "hen", "ant"]
 CKPT_ARGS = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
 
 
@@ -141,7 +141,7 @@ def work(tmp_path_factory) -> dict:
     model_dir = w / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    assert all(len(tok(" " + a, add_special_tokens=False).input_ids) == 1 for a in ANIMALS)
+    assert all(len(tok(a, add_special_tokens=False).input_ids) == 1 for a in ANIMALS)
     rows = [{"instruction": f"Name animal number {i}.", "input": "", "output": ANIMALS[i % len(ANIMALS)]}
             for i in range(40)]
     train = w / "train.json"
@@ -260,7 +260,12 @@ def test_ddp_two_processes_match_one_process(work, reference):
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp = _load(_ckpts(root) / "last.ckpt")
     assert ddp["global_step"] == 4
-    assert _max_diff(ddp, reference["last"]) < 1e-5
+    ref = reference["last"]
+    for k, v in ref["state_dict"].items():  # gradients averaged over processes: equal up to rounding
+        assert torch.allclose(ddp["state_dict"][k], v, rtol=0, atol=1e-6), (k, (ddp["state_dict"][k] - v).abs().max())
+    for i, state in ref["optimizer_states"][0]["state"].items():
+        for m in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(ddp["optimizer_states"][0]["state"][i][m], state[m], rtol=1e-4, atol=1e-9), (i, m)
 
 
 def _module(work: dict, **kw):
