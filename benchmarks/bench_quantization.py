@@ -86,7 +86,7 @@ def llama7b() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from melora_lit.adapter import inject_melora
-    from melora_lit.adapter.quantize import _quantizable, tensor_bytes
+    from melora_lit.adapter.quantize import quantizable_layers, quantize_backbone, tensor_bytes
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -94,7 +94,7 @@ def llama7b() -> None:
         model = LlamaForCausalLM(config)
     inject_melora(model, _melora())
     adapter = _adapter_bytes(model)
-    linears = _quantizable(model)
+    linears = quantizable_layers(model)
     shapes: dict[tuple[int, int], int] = {}
     for layer in linears.values():
         shapes[tuple(layer.weight.shape)] = shapes.get(tuple(layer.weight.shape), 0) + 1
@@ -109,8 +109,6 @@ def llama7b() -> None:
         for shape, count in shapes.items():
             layer = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.bfloat16).requires_grad_(False)
             holder = torch.nn.Sequential(layer)
-            from melora_lit.adapter.quantize import quantize_backbone
-
             quantize_backbone(holder, scheme)
             total += tensor_bytes(layer.weight) * count
             del holder, layer

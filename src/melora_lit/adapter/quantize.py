@@ -42,6 +42,7 @@ __all__ = [
     "check_scheme",
     "check_device",
     "quantize_backbone",
+    "quantizable_layers",
     "is_quantized",
     "dequantize",
     "dequantize_model",
@@ -114,15 +115,13 @@ def _quiet_import() -> Iterator[None]:
 def _torchao():
     """The torchao entry points this module uses; a one-line ``ValueError`` when the installed
     torchao lacks them."""
-    check_scheme("nf4")
     try:
         with _quiet_import():
-            import torchao
-            from torchao.quantization import Int8WeightOnlyConfig, NF4Tensor, quantize_, to_nf4
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_, to_nf4
     except ImportError as err:
         raise ValueError(f"quantization needs torchao>={MIN_TORCHAO}; the installed one cannot be used "
                          f"({str(err).splitlines()[0]}): pip install -U 'melora-lit[quantization]'") from None
-    return torchao, Int8WeightOnlyConfig, NF4Tensor, quantize_, to_nf4
+    return Int8WeightOnlyConfig, quantize_, to_nf4
 
 
 def is_quantized(t: torch.Tensor) -> bool:
@@ -169,8 +168,9 @@ def _scaler_block(n_blocks: int) -> int:
     return max(d for d in range(1, min(NF4_SCALER_BLOCK, n_blocks) + 1) if n_blocks % d == 0)
 
 
-def _quantizable(model: nn.Module) -> dict[str, nn.Linear]:
-    """The frozen ``nn.Linear`` layers of a model, minus its output head."""
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The layers :func:`quantize_backbone` quantizes: the frozen ``nn.Linear`` layers of a model
+    not yet quantized, minus its output head."""
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     tied = {id(head.weight)} if head is not None and hasattr(head, "weight") else set()
@@ -185,11 +185,11 @@ def quantize_backbone(model: nn.Module, scheme: str) -> QuantizationSummary:
     Call it after :func:`~melora_lit.adapter.inject_melora`, so that the adapters and the
     ``modules_to_save`` are already the trainable parameters that stay in full precision.
     """
-    check_scheme(scheme)
     if scheme is None:
-        raise ValueError("quantize_backbone needs a scheme; use one of " + ", ".join(SCHEMES))
-    _, Int8WeightOnlyConfig, _, quantize_, to_nf4 = _torchao()
-    layers = _quantizable(model)
+        raise ValueError(f"quantize_backbone needs a scheme; use one of {', '.join(SCHEMES)}")
+    check_scheme(scheme)
+    Int8WeightOnlyConfig, quantize_, to_nf4 = _torchao()
+    layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"quantization={scheme!r}: the model has no frozen nn.Linear layer to quantize "
                          "(GPT-2 style Conv1D layers are not supported)")
