@@ -254,18 +254,31 @@ def test_ddp_two_processes_match_one_process(work, reference):
     proc = subprocess.run(
         [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(work["cfg"]), "--config",
          str(ROOT / "configs/strategy/ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "16",
-         "--trainer.default_root_dir", str(root)],
+         "--trainer.default_root_dir", str(root), *CKPT_ARGS],
         env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp = _load(_ckpts(root) / "last.ckpt")
     assert ddp["global_step"] == 4
-    ref = reference["last"]
-    for k, v in ref["state_dict"].items():  # gradients averaged over processes: equal up to rounding
-        assert torch.allclose(ddp["state_dict"][k], v, rtol=0, atol=1e-6), (k, (ddp["state_dict"][k] - v).abs().max())
-    for i, state in ref["optimizer_states"][0]["state"].items():
-        for m in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(ddp["optimizer_states"][0]["state"][i][m], state[m], rtol=1e-4, atol=1e-9), (i, m)
+    # Step 1: the moments are (1 - beta) g and (1 - beta2) g^2 of the averaged gradient g, which must
+    # be the whole batch's up to rounding (a process training on its half batch alone would be off
+    # by tens of percent). Later steps: AdamW's sign-like updates amplify rounding wherever a
+    # gradient component nearly cancels, so the whole run is compared tensor by tensor, looser.
+    worst = {}
+    for step, name in ((1, "epoch=0-step=1.ckpt"), (4, "last.ckpt")):
+        got, ref = _load(_ckpts(root) / name), _load(_ckpts(reference["root"]) / name)
+        worst[step] = {"weights": 0.0, "moments": 0.0}
+        for k, v in ref["state_dict"].items():
+            diff = float((got["state_dict"][k] - v).norm() / v.norm())
+            worst[step]["weights"] = max(worst[step]["weights"], diff)
+        for i, state in ref["optimizer_states"][0]["state"].items():
+            for m in ("exp_avg", "exp_avg_sq"):
+                if state[m].norm() > 0:
+                    diff = float((got["optimizer_states"][0]["state"][i][m] - state[m]).norm() / state[m].norm())
+                    worst[step]["moments"] = max(worst[step]["moments"], diff)
+    print(f"DDP vs one process, largest relative difference per tensor: {worst}")
+    assert worst[1]["moments"] < 1e-4, worst
+    assert worst[4]["moments"] < 2e-2 and worst[4]["weights"] < 2e-2, worst
 
 
 def _module(work: dict, **kw):

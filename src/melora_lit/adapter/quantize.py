@@ -46,6 +46,7 @@ __all__ = [
     "is_quantized",
     "dequantize",
     "dequantize_model",
+    "keep_out_of_ddp_broadcast",
     "tensor_bytes",
     "frozen_bytes",
 ]
@@ -211,6 +212,21 @@ def quantize_backbone(model: nn.Module, scheme: str) -> QuantizationSummary:
         quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, _: id(m) in chosen)
         quantized = list(layers)
     return QuantizationSummary(scheme, quantized, skipped, before, frozen_bytes(model))
+
+
+def keep_out_of_ddp_broadcast(wrapped: nn.Module, model: nn.Module, prefix: str) -> list[str]:
+    """Name the quantized weights of ``model`` (a submodule of ``wrapped`` at ``prefix``) in
+    ``wrapped._ddp_params_and_buffers_to_ignore``, the list ``DistributedDataParallel`` reads when
+    it wraps ``wrapped``; returns the names.
+
+    DDP broadcasts rank 0's parameters at start, and a quantized tensor would come back
+    re-quantized from its dequantized values (not the same codes: the scales are double-quantized).
+    Every rank quantizes the same weights the same way, and they never change, so there is nothing
+    to broadcast."""
+    names = [prefix + name for name, p in model.named_parameters() if is_quantized(p)]
+    wrapped._ddp_params_and_buffers_to_ignore = sorted(  # type: ignore[assignment]
+        {*getattr(wrapped, "_ddp_params_and_buffers_to_ignore", []), *names})
+    return names
 
 
 def dequantize_model(model: nn.Module) -> int:

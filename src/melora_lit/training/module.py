@@ -14,7 +14,7 @@ from torch import nn
 from .. import __version__
 from ..adapter import MELoRAConfig, adapter_state_dict, inject_melora, load_adapter_state_dict, melora_layers
 from .metrics import classification_metrics, language_modeling_metrics
-from ..adapter.quantize import check_device, check_scheme, quantize_backbone
+from ..adapter.quantize import check_device, check_scheme, keep_out_of_ddp_broadcast, quantize_backbone
 from ..sources import resolve_pretrained
 
 # Heads that a sequence classifier builds fresh: always trained and saved with the adapter.
@@ -209,6 +209,7 @@ class MELoRAModule(L.LightningModule):
         self.summary = inject_melora(model, config)
         if hp.get("quantization"):
             self.quantization_summary = quantize_backbone(model, hp.quantization)
+            keep_out_of_ddp_broadcast(self, model, "model.")
         if hp.get("backbone_dtype") not in (None, "float32"):
             _trainable_to_float32(model)
         self.melora_config = config
