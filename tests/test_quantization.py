@@ -260,10 +260,8 @@ def test_ddp_two_processes_match_one_process(work, reference):
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp = _load(_ckpts(root) / "last.ckpt")
     assert ddp["global_step"] == 4
-    # Step 1: the moments are (1 - beta) g and (1 - beta2) g^2 of the averaged gradient g, which must
-    # be the whole batch's up to rounding (a process training on its half batch alone would be off
-    # by tens of percent). Later steps: AdamW's sign-like updates amplify rounding wherever a
-    # gradient component nearly cancels, so the whole run is compared tensor by tensor, looser.
+    # the adapter, and AdamW's moments (sums of the averaged gradients: a process training on its
+    # half batch alone would be off by tens of percent), after the first and the last step
     worst = {}
     for step, name in ((1, "epoch=0-step=1.ckpt"), (4, "last.ckpt")):
         got, ref = _load(_ckpts(root) / name), _load(_ckpts(reference["root"]) / name)
@@ -277,8 +275,7 @@ def test_ddp_two_processes_match_one_process(work, reference):
                     diff = float((got["optimizer_states"][0]["state"][i][m] - state[m]).norm() / state[m].norm())
                     worst[step]["moments"] = max(worst[step]["moments"], diff)
     print(f"DDP vs one process, largest relative difference per tensor: {worst}")
-    assert worst[1]["moments"] < 1e-4, worst
-    assert worst[4]["moments"] < 2e-2 and worst[4]["weights"] < 2e-2, worst
+    assert all(w["weights"] < 1e-5 and w["moments"] < 1e-4 for w in worst.values()), worst
 
 
 def _module(work: dict, **kw):
