@@ -10,8 +10,11 @@
    real ``melora-lit fit``) after the same few steps, same seed, for each backbone.
 
     python benchmarks/bench_quantization.py                    # all three
-    python benchmarks/bench_quantization.py --parts memory time --rounds 5
-    python benchmarks/bench_quantization.py --parts quality --steps 20
+    OMP_NUM_THREADS=1 python benchmarks/bench_quantization.py --parts time --rounds 5
+    OMP_NUM_THREADS=1 python benchmarks/bench_quantization.py --parts quality --steps 8 --val_batches 4
+
+On a shared machine, set OMP_NUM_THREADS=1: with more threads than free cores, OpenMP's barriers
+make every step many times slower. Results: docs/quantization.md.
 """
 
 from __future__ import annotations
