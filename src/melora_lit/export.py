@@ -110,6 +110,7 @@ def export_checkpoint(
 
     from .adapter import export_peft_lora, save_adapter
     from .adapter import merge_melora
+    from .adapter.quantize import dequantize_model
     from .sources import PACKAGE_PREFIX, gguf_source, locate_gguf, resolve_pretrained
 
     if format not in (*FORMATS, "all"):
@@ -145,6 +146,7 @@ def export_checkpoint(
                                            base_model_name_or_path=loadable)
     if "merged" in targets:  # last: merging replaces the adapted layers
         merge_melora(model)
+        dequantize_model(model)  # a quantized backbone's layers MELoRA did not adapt
         target = targets["merged"]
         model.save_pretrained(target)
         AutoTokenizer.from_pretrained(resolved).save_pretrained(target)

@@ -73,7 +73,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor | None:
     """The (d_out, d_in) weight of a plain Linear or Conv1D, which the fast paths hand to a GEMM
     as is; None for anything else (a subclass of nn.Linear, a base whose weight is not a plain
     tensor, e.g. a quantized one), which then takes the reference path."""
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear and type(module.weight) is nn.Parameter:
         return module.weight
     if _is_conv1d(module):
         return module.weight.t()
@@ -348,6 +348,10 @@ class MELoRALinear(nn.Module):
             self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if type(self.base.weight) is not nn.Parameter:  # quantized: merging dequantizes for good,
+            from .quantize import dequantize_model  # re-quantizing would round the update away
+
+            dequantize_model(self.base)
         w = self.base.weight
         d = delta.t() if _is_conv1d(self.base) else delta
         w.copy_((w.float() + d.to(w.device)).to(w.dtype))

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ..adapter import InjectionSummary, MELoRAConfig, inject_melora
+from ..adapter.quantize import check_device, check_scheme, keep_out_of_ddp_broadcast, quantize_backbone
 from .checkpoints import load_adapter_state, record_adapter_shapes, save_adapter_state
 from .causal_lm import GenerationOptions
 from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
@@ -75,6 +76,10 @@ class MELoRAModule(L.LightningModule):
             after each validation, on the first validation set's loss).
         compile: ``torch.compile`` the backbone's forward (the MELoRA layers compile into its
             graph); the first steps are slower while it compiles.
+        quantization: store the frozen linear layers quantized, QLoRA-style (needs torchao):
+            ``nf4`` (4-bit NormalFloat, double-quantized scales) or ``int8`` (weight-only). The
+            adapters, head, embeddings and norms stay in full precision; checkpoints stay
+            adapter-only. Single device and DDP (docs/quantization.md).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class MELoRAModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,  # noqa: A002 - the option's name, as torch.compile
+        quantization: Literal["nf4", "int8"] | None = None,
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
@@ -112,6 +118,7 @@ class MELoRAModule(L.LightningModule):
             raise ValueError(f"backbone_dtype={backbone_dtype!r} is not valid; use one of {', '.join(BACKBONE_DTYPES)}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule={lr_schedule!r} is not valid; use one of {', '.join(SCHEDULES)}")
+        check_scheme(quantization)
         if optimizer is not None:
             check_optimizer(optimizer)
         # Plain types only in hparams, so checkpoints load with weights_only=True. Left out:
@@ -132,6 +139,8 @@ class MELoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # called again by validate/test after fit
             return
+        if self.hparams.get("quantization"):  # before any weights load: a setup it cannot serve fails here
+            _check_quantization_setup(self.hparams.quantization, self._trainer)
         model = self.task.load_backbone(self.backbone_source)
         self.summary = self._inject(model)
         record_adapter_shapes(self, model)  # before sharding splits or renames the tensors
@@ -147,6 +156,9 @@ class MELoRAModule(L.LightningModule):
         if not config.modules_to_save:
             config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": self.task.heads(model)})
         summary = inject_melora(model, config)
+        if self.hparams.get("quantization"):  # the frozen linear layers, after the adapters took theirs
+            self.quantization_summary = quantize_backbone(model, self.hparams.quantization)
+            keep_out_of_ddp_broadcast(self, model, "model.")
         if self.backbone_source.dtype not in (None, "float32"):
             keep_trainable_float32(model, summary.modules_to_save)
         return summary
@@ -255,3 +267,17 @@ class MELoRAModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_adapter_state(self, checkpoint)
+
+
+def _check_quantization_setup(scheme: str, trainer: L.Trainer | None) -> None:
+    """One line naming what a quantized backbone cannot run with: the device, or a strategy
+    other than a single device or DDP (FSDP would flatten or shard the quantized tensors)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if trainer is None:  # export and scripts: the backbone stays on the CPU
+        return
+    strategy = trainer.strategy
+    check_device(scheme, strategy.root_device)
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(f"quantization={scheme!r} runs on one device or with DDP, not with "
+                         f"{type(strategy).__name__}; use configs/strategy/ddp.yaml or drop --model.quantization")
