@@ -118,7 +118,7 @@ def test_adapter_file_moves_between_cuda_and_cpu(tmp_path, direction):
         for name, p in trained.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(std=0.5)
-    save_adapter(trained, tmp_path / "adapter")
+    save_adapter(trained, tmp_path / "adapter", config)
     fresh = tiny_bert(seed=0).to(dst_dev)  # same base weights, no adapter yet
     load_adapter(fresh, tmp_path / "adapter")
     assert all(p.device.type == dst_dev for p in fresh.parameters())
@@ -172,7 +172,8 @@ def test_mixed_precision_training_on_cuda_follows_fp32(gpu_runs, precision):
     run, ref = gpu_runs[precision], gpu_runs["32-true"]
     model = run["cli"].model
     lora = {k: v for k, v in model.named_parameters() if "lora_" in k}
-    assert lora and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in lora.values())
+    # fp32 master weights under 16-bit autocast (Lightning's teardown has moved the module back to the CPU)
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
     assert all(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_B"))  # B starts at 0
     ref_lora = dict(ref["cli"].model.named_parameters())
     # 12 steps with 16-bit matmuls stay close to the fp32 run: B (which starts at 0) within a
