@@ -221,6 +221,8 @@ class MELoRAModule(L.LightningModule):
         }
 
     def forward(self, **batch: torch.Tensor) -> Any:
+        if self.is_causal_lm:  # no KV cache in training: it costs memory and hides packed rows' boundaries
+            batch.setdefault("use_cache", False)
         return self.model(**batch)
 
     @property
