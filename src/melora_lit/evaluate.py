@@ -113,7 +113,10 @@ def evaluate_checkpoint(
             raise ValueError(f"evaluate: --include_path {folder} is not a folder")
     if limit is not None and limit <= 0:
         raise ValueError(f"evaluate: --limit={limit} is not valid; use a count >= 1 or a fraction in (0, 1)")
-    manager = TaskManager(include_path=include_path or None)
+    # lm-eval's own thousands of task files take a while to index: only when a task needs them
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include_path or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" or in {', '.join(include_path)}" if include_path else ""

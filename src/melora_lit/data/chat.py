@@ -414,6 +414,7 @@ class ChatDataModule(InstructionDataModule):
         """Ids (and labels) of normalized conversations; with labels, those with no assistant
         token within ``max_length`` are dropped and counted in :attr:`dropped` under ``split``."""
         encoder = self.encoder
+        refused: list[str] = []
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
             out: dict[str, list] = {"input_ids": [], "attention_mask": []}
@@ -423,16 +424,25 @@ class ChatDataModule(InstructionDataModule):
                 try:
                     encoded = encoder.encode(messages, with_labels)
                 except BadRecord as err:
-                    raise ValueError(f"{split} record {number}: {err}") from None
+                    if self.bad_records == "error":
+                        raise ValueError(f"{split} record {number}: {err} (bad_records: drop skips such "
+                                         "records)") from None
+                    refused.append(str(err))
+                    continue
                 if with_labels and all(x == IGNORE_INDEX for x in encoded["labels"][1:]):
                     continue
                 for key in out:
                     out[key].append(encoded[key])
             return out
 
-        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing",
+                           load_from_cache_file=False)  # the refusals are counted as it runs
+        if refused:
+            self.rejected[split] = len(refused)
+            rank_zero_info(f"{split}: dropped {len(refused)} records that the chat template refused "
+                           f"(the first: {refused[0]})")
         if with_labels:
-            dropped = len(ds) - len(tokenized)
+            dropped = len(ds) - len(tokenized) - len(refused)
             self.dropped[split] = dropped
             if dropped:
                 rank_zero_info(f"{split}: dropped {dropped} of {len(ds)} conversations with no assistant token "
