@@ -307,6 +307,23 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
     for w in written:
         assert {k: w[k] for k in ("exact_match", "token_f1", "rougeL")} == reply_scores(w["reply"], w["reference"])
 
+    # predict: user messages of a .txt file, replies in order, as plain greedy generation gives them
+    asks = tmp_path / "ask.txt"
+    asks.write_text("Which animal says moo?\nAnd baa?\n")
+    answers = tmp_path / "answers.jsonl"
+    cli_main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+              "--data.init_args.predict_file", str(asks), "--prediction_writer.output_file", str(answers)])
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": "Which animal says moo?"}],
+                                             [{"role": "user", "content": "And baa?"}]]
+    tok = cli.datamodule.tokenizer
+    model = cli.model.model.eval()
+    for r in rows:
+        prompt = tok(tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip() == r["response"]
+
     # lm-eval on the checkpoint: a local multiple-choice task; its accuracy = the argmax of the
     # adapted model's log-likelihoods, computed here
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -345,7 +362,7 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
     before = _tree(run)
     for args, expected in [
         (["fit", "--config", str(config), "--data.init_args.train_file", bad, "--data.init_args.bad_records",
-          "error"], f"{bad} record 4: non-string content"),
+          "error"], f"{bad} record 4: non-string content: turn 1 content is int 1"),
         (["evaluate", "--ckpt_path", str(ckpt), "--tasks", "no_such_task", "--include_path", str(tasks)],
          "unknown task(s) no_such_task"),
     ]:

@@ -59,9 +59,6 @@ CHAT_FORMATS = {
     "openai": ("messages", "role", "content", "user", "assistant", "system"),
 }
 
-ROLES = ("system", "user", "assistant")
-
-
 class BadRecord(ValueError):
     """A conversation that cannot be trained on: ``kind`` names the problem (the key of the drop
     counts), the message says where."""
@@ -101,7 +98,7 @@ class ChatEncoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            before = self.render(messages[:i], add_generation_prompt=True)  # i > 0: see _problem
             upto = self.render(messages[:i + 1])
             if not (text.startswith(upto) and upto.startswith(before)) or len(before) < pos:
                 raise ValueError("the chat template does not render a conversation turn by turn (an earlier "
@@ -136,6 +133,9 @@ def _problem(messages: Any, with_answer: bool) -> "BadRecord | None":
     """Why a normalized conversation cannot be used, or None."""
     if not messages:
         return BadRecord("empty conversation")
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first == "assistant":  # nothing to answer; and a template renders no prompt before it
+        return BadRecord("starts with an assistant turn")
     for k, (a, b) in enumerate(zip(messages, messages[1:]), start=1):
         if a["role"] == b["role"] == "assistant":
             return BadRecord("two assistant turns in a row", f" (turns {k} and {k + 1})")
@@ -351,20 +351,20 @@ class ChatDataModule(InstructionDataModule):
         if turns is None:
             turns = []
         if not isinstance(turns, (list, tuple)):
-            raise BadRecord("not a list of turns", f": a {type(turns).__name__}")
+            raise BadRecord("not a list of turns", f": {type(turns).__name__} {turns!r:.40}")
         messages = []
         if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(layout["role_key"])) == "system"
                                           for t in turns):
             messages.append({"role": "system", "content": self.system_prompt})
         for k, turn in enumerate(turns, start=1):
             if not isinstance(turn, dict):
-                raise BadRecord("turn not an object", f": turn {k} is a {type(turn).__name__}")
+                raise BadRecord("turn not an object", f": turn {k} is {type(turn).__name__} {turn!r:.40}")
             role = turn.get(layout["role_key"])
             if role not in roles:
                 raise BadRecord("unknown role", f" {role!r} in turn {k}; roles are {', '.join(map(repr, roles))}")
             content = turn.get(layout["content_key"])
             if not isinstance(content, str):
-                raise BadRecord("non-string content", f": turn {k} has a {type(content).__name__} content")
+                raise BadRecord("non-string content", f": turn {k} content is {type(content).__name__} {content!r:.40}")
             messages.append({"role": roles[role], "content": content})
         return messages if turns else []
 
