@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from melora_lit.data import ChatDataModule
-from melora_lit.data.chat import CHAT_TEMPLATES, chitchat_conversations
+from melora_lit.data.chat import chitchat_conversations
 from melora_lit.data.packing import PackedCollator, pack_dataset, pack_rows
 from melora_lit.training.generation_eval import reply_scores
 from support import run_cli

@@ -27,7 +27,7 @@ from transformers import DataCollatorWithFlattening
 
 from .instruction import IGNORE_INDEX
 
-__all__ = ["pack_rows", "pack_dataset", "PackedCollator", "padding_fraction"]
+__all__ = ["pack_rows", "pack_dataset", "PackedCollator"]
 
 
 def pack_rows(lengths: list[int], max_length: int, seed: int = 0) -> list[list[int]]:
@@ -83,9 +83,3 @@ class PackedCollator:
             batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
-
-def padding_fraction(lengths: list[int], batch_width: list[int]) -> float:
-    """Share of padding in batches whose rows hold ``lengths`` real tokens and are padded to the
-    given widths (one width per row)."""
-    total = sum(batch_width)
-    return 1 - sum(lengths) / total if total else 0.0
