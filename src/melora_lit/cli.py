@@ -293,6 +293,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
         from .export import export_main
 
         return export_main(args[1:])  # type: ignore[return-value]
+    if args and args[0] == "evaluate":  # lm-evaluation-harness tasks
+        from .evaluate import evaluate_main
+
+        return evaluate_main(args[1:])  # type: ignore[return-value]
     if args and args[0] == "report":
         from .report import report_main
 

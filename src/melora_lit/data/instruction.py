@@ -466,20 +466,23 @@ class InstructionDataModule(MELoRADataModule):
         return DataCollatorForSeq2Seq(self._load_tokenizer(), padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
+def chitchat_path() -> str:
+    """The conversations file that the ``chitchat-dataset`` package ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("chit-chat data needs the chitchat-dataset package: pip install chitchat-dataset")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "dataset.json")
+
+
 def chitchat_pairs(context_turns: int = 0, path: str | None = None) -> Iterator[dict[str, str]]:
     """Prompt -> reply records from the Chit-Chat Challenge conversations (BYU PCC lab) that the
     PyPI package ``chitchat-dataset`` ships: for every message after the first, ``instruction`` is
     the message it answers, ``input`` the ``context_turns`` messages before that (oldest first, one
     per line; empty for 0), ``output`` the message. A message is its sender's consecutive
     utterances joined by spaces. Conversations in file order."""
-    import importlib.util
-
-    if path is None:
-        spec = importlib.util.find_spec("chitchat_dataset")
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError("chit-chat data needs the chitchat-dataset package: pip install chitchat-dataset")
-        path = str(Path(next(iter(spec.submodule_search_locations))) / "dataset.json")
-    with open(path, encoding="utf-8") as f:
+    with open(path or chitchat_path(), encoding="utf-8") as f:
         conversations = json.load(f)
     for conv in conversations.values():
         turns = [" ".join(u["text"].strip() for u in message).strip() for message in conv["messages"]]

@@ -214,6 +214,8 @@ class MELoRAModule(L.LightningModule):
         }
 
     def forward(self, **batch: torch.Tensor) -> Any:
+        if self.is_causal_lm:  # no KV cache in training: it costs memory and hides packed rows' boundaries
+            batch.setdefault("use_cache", False)
         return self.model(**batch)
 
     # ----------------------------------------------------------------------------- data and metrics

@@ -1,0 +1,581 @@
+"""Multi-turn chat data for causal language models: ShareGPT and OpenAI-style conversations,
+rendered through a chat template, with the loss on the assistant turns only; optional packing.
+
+A conversation is rendered by the tokenizer's chat template (or a named one of
+:data:`CHAT_TEMPLATES`). The trained spans are found by rendering the conversation turn by turn:
+an assistant turn is what the template adds after the generation prompt of the turns before it,
+up to its end-of-turn marker (the content, then e.g. ``<|im_end|>``; the whitespace that follows
+the marker and everything else is scaffolding). The text is tokenized span by span, so a token
+never straddles a span boundary and the prompt of a turn is tokenized exactly as ``predict``
+tokenizes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from datasets import Dataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from .instruction import IGNORE_INDEX, InstructionDataModule
+from .packing import PackedCollator, pack_dataset
+from .base import check_int
+
+__all__ = ["CHAT_TEMPLATES", "CHAT_FORMATS", "ChatDataModule", "ChitChatConversationsDataModule",
+           "ChatEncoder", "chitchat_conversations"]
+
+# Named templates for tokenizers without one. chatml: the format of ChatML models (Qwen, SmolLM,
+# OpenHermes). llama2: the Llama-2-chat format, as in meta-llama/Llama-2-7b-chat-hf's template
+# (system message folded into the first user turn, roles must alternate).
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+        "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% endif %}"
+    ),
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+# format -> (messages column, role key, content key, user, assistant, system role names)
+CHAT_FORMATS = {
+    "sharegpt": ("conversations", "from", "value", "human", "gpt", "system"),
+    "openai": ("messages", "role", "content", "user", "assistant", "system"),
+}
+
+class BadRecord(ValueError):
+    """A conversation that cannot be trained on: ``kind`` names the problem (the key of the drop
+    counts), the message says where."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(kind + detail)
+        self.kind = kind
+
+
+class ChatEncoder:
+    """Conversations -> token ids and labels, for one tokenizer and chat template.
+
+    ``encode`` returns ``input_ids`` and ``labels``: labels are the token ids on the assistant
+    turns (content and end-of-turn marker; EOS appended to a turn that lacks it) and ``-100``
+    elsewhere, or the ids everywhere with ``train_on_inputs``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None,
+                 train_on_inputs: bool = False, max_length: int = 1024) -> None:
+        self.tokenizer = tokenizer
+        self.template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
+        self.train_on_inputs = train_on_inputs
+        self.max_length = max_length
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # jinja's raise_exception and template errors alike
+            raise BadRecord("the chat template refused it", f": {str(err).strip().splitlines()[0]}") from None
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """The rendered text as ``(text, trained)`` pieces that join to the whole rendering."""
+        text = self.render(messages, add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)  # i > 0: see _problem
+            upto = self.render(messages[:i + 1])
+            if not (text.startswith(upto) and upto.startswith(before)) or len(before) < pos:
+                raise ValueError("the chat template does not render a conversation turn by turn (an earlier "
+                                 "turn renders differently once later turns follow); use a named chat_template")
+            end = len(before) + len(upto[len(before):].rstrip())
+            pieces += [(text[pos:len(before)], False), (text[len(before):end], True)]
+            pos = end
+        pieces.append((text[pos:], False))
+        return [p for p in pieces if p[0]]
+
+    def encode(self, messages: list[dict], with_labels: bool = True) -> dict[str, list[int]]:
+        """Ids and labels of a whole conversation (``with_labels``), or the ids of the prompt that
+        asks for its next assistant turn (the last ``max_length`` tokens)."""
+        pieces = self.segments(messages, add_generation_prompt=not with_labels)
+        ids_per_piece = self.tokenizer([p for p, _ in pieces], add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        labels: list[int] = []
+        for (_, trained), piece_ids in zip(pieces, ids_per_piece):
+            if trained and eos not in piece_ids:
+                piece_ids = [*piece_ids, eos]
+            ids += piece_ids
+            labels += piece_ids if trained or self.train_on_inputs else [IGNORE_INDEX] * len(piece_ids)
+        if not with_labels:
+            ids = ids[-self.max_length:]
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        ids, labels = ids[:self.max_length], labels[:self.max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _problem(messages: Any, with_answer: bool) -> "BadRecord | None":
+    """Why a normalized conversation cannot be used, or None."""
+    if not messages:
+        return BadRecord("empty conversation")
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first == "assistant":  # nothing to answer; and a template renders no prompt before it
+        return BadRecord("starts with an assistant turn")
+    for k, (a, b) in enumerate(zip(messages, messages[1:]), start=1):
+        if a["role"] == b["role"] == "assistant":
+            return BadRecord("two assistant turns in a row", f" (turns {k} and {k + 1})")
+    if with_answer and not any(m["role"] == "assistant" for m in messages):
+        return BadRecord("no assistant turn")
+    return None
+
+
+class ChatDataModule(InstructionDataModule):
+    """Multi-turn chat data for a causal language model: ShareGPT or OpenAI-style conversations.
+
+    ShareGPT records hold ``conversations``: a list of ``{"from": ..., "value": ...}`` turns with
+    roles ``human``, ``gpt`` and ``system``; OpenAI-style records hold ``messages``: a list of
+    ``{"role": ..., "content": ...}`` with roles ``user``, ``assistant`` and ``system``. They come
+    from a ``.json`` (a list of records), ``.jsonl`` or ``.parquet`` file, or a hub dataset; the
+    column, its keys and the role names can be set for other layouts.
+
+    Each conversation is rendered by the tokenizer's chat template, or by a named one
+    (``chat_template: chatml`` or ``llama2``) for a tokenizer without one. The loss is on every
+    assistant turn (its content and end-of-turn marker) and nowhere else, unless
+    ``train_on_inputs``. A conversation longer than ``max_length`` is cut there; one with no
+    assistant token left is dropped (counted in :attr:`dropped`).
+
+    Bad records (an empty conversation, two assistant turns in a row, an unknown role, a content
+    that is not a string, no assistant turn, a turn the template refuses) are dropped and counted
+    (``bad_records: drop``, the counts in :attr:`rejected`) or refused with an error naming the
+    file and record (``bad_records: error``).
+
+    ``packing: true`` concatenates the tokenized train and validation conversations into rows of
+    up to ``max_length`` tokens, with position ids restarting at each conversation; the model
+    keeps conversations from attending to each other (see :mod:`melora_lit.data.packing`).
+
+    ``predict`` (and the generation evaluation of
+    :class:`~melora_lit.training.generation_eval.GenerationEvaluation`) answers the prompt of each
+    conversation up to its last assistant turn, whose content is the ``reference``.
+
+    Args:
+        train_file: Train conversations (``.json``, ``.jsonl`` or ``.parquet``).
+        validation_file: Validation conversations (default: ``val_size`` of the train records).
+        predict_file: Conversations to continue with ``predict`` (records as above, ending with a
+            user turn or cut before their last assistant turn), or a ``.txt`` file with one user
+            message per line.
+        dataset_name: A hub dataset to use instead of ``train_file``.
+        dataset_config_name: Configuration of ``dataset_name``.
+        dataset_split: Split of ``dataset_name`` that holds the train records.
+        format: ``sharegpt``, ``openai`` or ``auto`` (``conversations`` column: sharegpt,
+            ``messages``: openai). Sets the defaults of the next six options.
+        messages_column: Column of the conversations.
+        role_key: Key of a turn's role.
+        content_key: Key of a turn's text.
+        user_role: Role name of the user's turns in the data.
+        assistant_role: Role name of the assistant's turns in the data.
+        system_role: Role name of system messages in the data.
+        system_prompt: System message for conversations that have none (default: the template's).
+        chat_template: ``chatml``, ``llama2`` (named templates) or a Jinja template; default the
+            tokenizer's own.
+        train_on_inputs: Put the loss on every token, not on the assistant turns only.
+        bad_records: ``drop`` (count and skip them) or ``error`` (stop at the first, naming it).
+        packing: Pack train and validation conversations into rows of ``max_length`` tokens.
+        val_size: Records held out for validation when there is no validation file: a count or a
+            fraction.
+        group_by_length: Batch conversations of similar length together.
+        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
+        max_length: Longest token sequence (a packed row's length).
+        batch_size: Train batch size (rows, with packing).
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        max_train_samples: Train on a seeded random subset of this many conversations.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the validation split, the train subset, the packing and the train order.
+        cache_dir: Folder for the datasets cache.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        predict_file: str | None = None,
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        dataset_split: str = "train",
+        format: Literal["auto", "sharegpt", "openai"] = "auto",  # noqa: A002 - the option's name
+        messages_column: str | None = None,
+        role_key: str | None = None,
+        content_key: str | None = None,
+        user_role: str | None = None,
+        assistant_role: str | None = None,
+        system_role: str | None = None,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        train_on_inputs: bool = False,
+        bad_records: Literal["drop", "error"] = "drop",
+        packing: bool = False,
+        val_size: int | float = 0.05,
+        group_by_length: bool = False,
+        tokenizer: str | None = None,
+        max_length: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ) -> None:
+        for path in (train_file, validation_file, predict_file):
+            if path is not None and Path(path).suffix.lower() == ".csv":
+                raise ValueError(f"a CSV file cannot hold conversations: {path}; use .json, .jsonl or .parquet")
+        # prompt_format "alpaca" keeps the parent's chat-template check out: this module has its
+        # own, which also accepts a named template
+        super().__init__(
+            train_file=train_file, validation_file=validation_file, predict_file=predict_file,
+            dataset_name=dataset_name, dataset_config_name=dataset_config_name, dataset_split=dataset_split,
+            prompt_format="alpaca", system_prompt=system_prompt, train_on_inputs=train_on_inputs,
+            val_size=val_size, group_by_length=group_by_length, tokenizer=tokenizer, max_length=max_length,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, max_train_samples=max_train_samples,
+            num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+        )
+        if format not in ("auto", *CHAT_FORMATS):
+            raise ValueError(f"format={format!r} is not valid; use one of auto, {', '.join(CHAT_FORMATS)}")
+        if bad_records not in ("drop", "error"):
+            raise ValueError(f"bad_records={bad_records!r} is not valid; use drop or error")
+        if chat_template is not None and chat_template not in CHAT_TEMPLATES and "{" not in chat_template:
+            raise ValueError(f"chat_template={chat_template!r} is not valid; use one of "
+                             f"{', '.join(CHAT_TEMPLATES)} or a Jinja template")
+        self.format = format
+        self.layout = {"messages_column": messages_column, "role_key": role_key, "content_key": content_key,
+                       "user_role": user_role, "assistant_role": assistant_role, "system_role": system_role}
+        self.chat_template = chat_template
+        self.bad_records = bad_records
+        self.packing = packing
+        self.rejected: dict[str, int] = {}
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def _read_records(self, path: str) -> Dataset:
+        """JSON and JSON lines are read here, row by row, so that one odd record (a number where
+        a string belongs) is a bad record rather than a file that will not load."""
+        file = Path(path).expanduser()
+        if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file() or file.stat().st_size == 0:
+            return super()._read_records(path)
+        text = file.read_text(encoding="utf-8")
+        try:
+            if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot read {path}: {err}") from None
+        if not rows:
+            raise ValueError(f"{path} has no rows")
+        if not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path} must hold records (JSON objects)")
+        # a Python-object column: Arrow would refuse rows whose types differ
+        return _RowList(rows)  # type: ignore[return-value]
+
+    def _layout(self, ds: Any, columns: list[str], source: str) -> dict[str, str]:
+        fmt = self.format
+        column = self.layout["messages_column"]
+        if fmt == "auto":
+            found = [f for f, spec in CHAT_FORMATS.items() if spec[0] == column or (column is None and spec[0] in columns)]
+            if column is not None and column in columns and not found:  # a custom column: its turns' keys say
+                turn = next((t[0] for t in (row.get(column) for row in ds) if isinstance(t, list) and t
+                             and isinstance(t[0], dict)), {})
+                found = ["sharegpt" if "from" in turn else "openai"]
+            if not found:
+                raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
+                                 f"its columns are {columns} (set data.messages_column)")
+            fmt = found[0]
+        defaults = dict(zip(self.layout, CHAT_FORMATS[fmt]))
+        layout = {k: v if v is not None else defaults[k] for k, v in self.layout.items()}
+        if layout["messages_column"] not in columns:
+            raise ValueError(f"{source} has no column {layout['messages_column']!r}; its columns are {columns}")
+        return layout
+
+    def _normalize(self, ds: Dataset, source: str, with_output: bool = True) -> Dataset:
+        """A ``messages`` column of ``{role, content}`` turns with roles system/user/assistant and
+        a ``record`` column (the row's number in the source, from 1); bad records are dropped and
+        counted, or refused, as ``bad_records`` says."""
+        columns = list(ds.column_names)
+        if columns == [self.instruction_column] and not with_output:  # a .txt predict file
+            rows = [{"messages": [{"role": "user", "content": t}]} for t in ds[self.instruction_column]]
+            layout = dict(zip(self.layout, CHAT_FORMATS["openai"]))
+        else:
+            layout = self._layout(ds, columns, source)
+            rows = ds
+        roles = {layout["user_role"]: "user", layout["assistant_role"]: "assistant",
+                 layout["system_role"]: "system"}
+        out: dict[str, list] = {"messages": [], "record": []}
+        reasons: dict[str, int] = {}
+        for number, row in enumerate(rows, start=1):
+            try:
+                messages = self._messages(row.get(layout["messages_column"]), layout, roles)
+                problem = _problem(messages, with_output)
+                if problem:
+                    raise problem
+            except BadRecord as err:
+                if self.bad_records == "error":
+                    raise ValueError(f"{source} record {number}: {err} (bad_records: drop skips such records)") \
+                        from None
+                reasons[err.kind] = reasons.get(err.kind, 0) + 1
+                continue
+            out["messages"].append(messages)
+            out["record"].append(number)
+        dropped = sum(reasons.values())
+        self.rejected[source] = dropped
+        if dropped:
+            detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+            rank_zero_info(f"{source}: dropped {dropped} bad records of {dropped + len(out['record'])} ({detail})")
+        if not out["record"]:
+            raise ValueError(f"{source} has no usable conversation (dropped {dropped} bad records)")
+        return Dataset.from_dict(out)
+
+    def _messages(self, turns: Any, layout: dict[str, str], roles: dict[str, str]) -> list[dict[str, str]]:
+        if turns is None:
+            turns = []
+        if not isinstance(turns, (list, tuple)):
+            raise BadRecord("not a list of turns", f": {type(turns).__name__} {turns!r:.40}")
+        messages = []
+        if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(layout["role_key"])) == "system"
+                                          for t in turns):
+            messages.append({"role": "system", "content": self.system_prompt})
+        for k, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict):
+                raise BadRecord("turn not an object", f": turn {k} is {type(turn).__name__} {turn!r:.40}")
+            role = turn.get(layout["role_key"])
+            if role not in roles:
+                raise BadRecord("unknown role", f" {role!r} in turn {k}; roles are {', '.join(map(repr, roles))}")
+            content = turn.get(layout["content_key"])
+            if not isinstance(content, str):
+                raise BadRecord("non-string content", f": turn {k} content is {type(content).__name__} {content!r:.40}")
+            messages.append({"role": roles[role], "content": content})
+        return messages if turns else []
+
+    def _predict_split(self) -> Dataset:
+        if self.predict_file is not None:
+            return self._prompts(self._normalize(self._read_records(self.predict_file), self.predict_file,
+                                                 with_output=False))
+        return self._prompts(self._val_splits()[0])
+
+    @staticmethod
+    def _prompts(ds: Dataset) -> Dataset:
+        """Each conversation up to its last assistant turn (``messages``) and that turn's content
+        (``reference``; empty when the conversation ends with another role)."""
+        def cut(row: dict) -> dict:
+            messages = row["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None or last < len(messages) - 1:
+                return {"messages": messages, "reference": ""}
+            return {"messages": messages[:last], "reference": messages[last]["content"]}
+
+        return ds.map(cut, desc="Prompts")
+
+    # ---- tokens ---------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        first = self._tokenizer is None
+        tokenizer = super()._load_tokenizer()
+        if first:
+            if self.chat_template is None and not tokenizer.chat_template:
+                raise ValueError(f"tokenizer {self.tokenizer_name!r} has no chat template; set data.chat_template "
+                                 f"to one of {', '.join(CHAT_TEMPLATES)}")
+            if self.chat_template is not None:
+                # the named template becomes the tokenizer's own, so generation and evaluation use it
+                tokenizer.chat_template = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
+        return tokenizer
+
+    @property
+    def encoder(self) -> ChatEncoder:
+        """Turns conversations into token ids and labels with this module's settings."""
+        return ChatEncoder(self._load_tokenizer(), None, self.train_on_inputs, self.max_length)
+
+    def format_prompt(self, messages: list[dict[str, str]]) -> str:  # type: ignore[override]
+        """The rendered prompt that asks for the next assistant turn of ``messages``."""
+        return self.encoder.render(messages, add_generation_prompt=True)
+
+    def _tokenize(self, ds: Dataset, with_labels: bool = True, split: str = "train") -> Dataset:
+        """Ids (and labels) of normalized conversations; with labels, those with no assistant
+        token within ``max_length`` are dropped and counted in :attr:`dropped` under ``split``."""
+        encoder = self.encoder
+        refused: list[str] = []
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"input_ids": [], "attention_mask": []}
+            if with_labels:
+                out["labels"] = []
+            for messages, number in zip(batch["messages"], batch["record"]):
+                try:
+                    encoded = encoder.encode(messages, with_labels)
+                except BadRecord as err:
+                    if self.bad_records == "error":
+                        raise ValueError(f"{split} record {number}: {err} (bad_records: drop skips such "
+                                         "records)") from None
+                    refused.append(str(err))
+                    continue
+                if with_labels and all(x == IGNORE_INDEX for x in encoded["labels"][1:]):
+                    continue
+                for key in out:
+                    out[key].append(encoded[key])
+            return out
+
+        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing",
+                           load_from_cache_file=False)  # the refusals are counted as it runs
+        if refused:
+            self.rejected[split] = len(refused)
+            rank_zero_info(f"{split}: dropped {len(refused)} records that the chat template refused "
+                           f"(the first: {refused[0]})")
+        if with_labels:
+            dropped = len(ds) - len(tokenized) - len(refused)
+            self.dropped[split] = dropped
+            if dropped:
+                rank_zero_info(f"{split}: dropped {dropped} of {len(ds)} conversations with no assistant token "
+                               f"within max_length={self.max_length}")
+            if len(tokenized) == 0:
+                raise ValueError(f"no {split} conversation has an assistant token within "
+                                 f"max_length={self.max_length}; raise max_length")
+        return tokenized
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.packing:
+            if stage in ("fit", None):
+                self.train_dataset = pack_dataset(self.train_dataset, self.max_length, self.seed)
+            if stage in ("fit", "validate", None):
+                self.val_datasets = [pack_dataset(ds, self.max_length, self.seed) for ds in self.val_datasets]
+            if stage in ("test", None):
+                self.test_datasets = [pack_dataset(ds, self.max_length, self.seed) for ds in self.test_datasets]
+
+    def _collator(self):
+        if self.packing:
+            return PackedCollator(self._load_tokenizer().pad_token_id)
+        return super()._collator()
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def generation_examples(self, limit: int | None = None) -> tuple[Dataset, torch.utils.data.DataLoader]:
+        """The first ``limit`` validation conversations as prompts with their reference reply
+        (a dataset with ``messages`` and ``reference``), and a loader of their left-padded prompt
+        ids, in the same order, for generation."""
+        val = self._val_splits()[0]
+        if limit is not None and limit < len(val):
+            val = val.select(range(limit))
+        raw = self._prompts(val)
+        ids = self._tokenize(raw, with_labels=False, split="generation")
+        left = copy.deepcopy(self._load_tokenizer())
+        left.padding_side = "left"
+        loader = torch.utils.data.DataLoader(ids, batch_size=self.eval_batch_size,
+                                             collate_fn=DataCollatorWithPadding(left))
+        return raw, loader
+
+
+class _RowList(list):
+    """Rows read from a JSON file, with the column names that :meth:`ChatDataModule._normalize`
+    reads."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(dict.fromkeys(k for row in self for k in row))
+
+
+def chitchat_conversations(max_messages: int = 6, path: str | None = None) -> Iterator[dict[str, list]]:
+    """The Chit-Chat Challenge conversations (``chitchat-dataset``) as OpenAI-style chats: each
+    conversation cut into chats of up to ``max_messages`` messages, the first speaker of each chat
+    as the user and the other as the assistant, alternating. A message is its sender's consecutive
+    utterances joined by spaces; chats without an assistant message are left out."""
+    from .instruction import chitchat_path
+
+    with open(path or chitchat_path(), encoding="utf-8") as f:
+        conversations = json.load(f)
+    for conv in conversations.values():
+        turns = [" ".join(u["text"].strip() for u in message).strip() for message in conv["messages"]]
+        turns = [t for t in turns if t]
+        for start in range(0, len(turns), max_messages):
+            chunk = turns[start:start + max_messages]
+            if len(chunk) >= 2:
+                yield {"messages": [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(chunk)]}
+
+
+class ChitChatConversationsDataModule(ChatDataModule):
+    """Offline multi-turn chats: the BYU PCC lab's Chit-Chat Challenge conversations shipped by
+    the PyPI package ``chitchat-dataset``, cut into chats of up to ``max_messages`` messages (see
+    :func:`chitchat_conversations`). ``max_records`` keeps a seeded random subset of the chats
+    (before the validation split). Everything else is as in :class:`ChatDataModule`.
+
+    Args:
+        max_records: Use a seeded random subset of this many chats (default: all).
+        max_messages: Messages per chat (a conversation longer than this gives several chats).
+        system_prompt: System message of every chat (default: the template's).
+        chat_template: ``chatml``, ``llama2`` or a Jinja template (default: the tokenizer's).
+        train_on_inputs: Put the loss on every token.
+        packing: Pack chats into rows of ``max_length`` tokens.
+        val_size: Chats held out for validation: a count or a fraction.
+        group_by_length: Batch chats of similar length together.
+        predict_file: Conversations (or a ``.txt`` of user messages) to reply to with ``predict``.
+        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
+        max_length: Longest token sequence.
+        batch_size: Train batch size.
+        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+        max_train_samples: Train on a seeded random subset of this many of the training chats.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the subset, the validation split, the packing and the train order.
+        cache_dir: Folder for the datasets cache of ``predict_file``.
+    """
+
+    def __init__(
+        self,
+        max_records: int | None = None,
+        max_messages: int = 6,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        train_on_inputs: bool = False,
+        packing: bool = False,
+        val_size: int | float = 0.05,
+        group_by_length: bool = False,
+        predict_file: str | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ) -> None:
+        check_int("max_records", max_records, minimum=2, optional=True)
+        check_int("max_messages", max_messages, minimum=2)
+        super().__init__(
+            predict_file=predict_file, format="openai", system_prompt=system_prompt, chat_template=chat_template,
+            train_on_inputs=train_on_inputs, packing=packing, val_size=val_size, group_by_length=group_by_length,
+            tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+        )
+        self.max_records = max_records
+        self.max_messages = max_messages
+
+    def _describe_train(self) -> str:
+        return "the chitchat-dataset conversations"
+
+    def _read_train(self) -> Dataset:
+        records = list(chitchat_conversations(self.max_messages))
+        if self.max_records is not None and self.max_records < len(records):
+            g = torch.Generator().manual_seed(self.seed)
+            keep = sorted(torch.randperm(len(records), generator=g)[: self.max_records].tolist())
+            records = [records[i] for i in keep]
+        return _RowList(records)  # type: ignore[return-value]
