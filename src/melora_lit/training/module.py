@@ -251,6 +251,13 @@ class MELoRAModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         return self.task.predict_step(self, {k: v for k, v in batch.items() if k != "labels"})
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """Responses of a causal LM to a batch of left-padded prompts, with ``generation``'s
+        settings (what ``predict`` writes)."""
+        if not self.is_causal_lm:
+            raise ValueError(f"generate() needs --model.task causal-lm, this model is {self.task.name}")
+        return self.task.predict_step(self, {"input_ids": input_ids, "attention_mask": attention_mask})["response"]
+
     # ----------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict:
         hp = self.hparams
