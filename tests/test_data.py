@@ -91,7 +91,8 @@ def test_real_rte_label_strings_map_to_hub_ids(real_glue):
 def test_real_cola_has_no_header_row(real_glue):
     first_line = _tsv_rows(GLUE_DIR / "CoLA" / "dev.tsv")[0]
     dm = real_glue("cola", "predict")
-    assert dm.raw_predict[0] == {"sentence": first_line[3], "label": int(first_line[1])}
+    # predict's rows carry the label's name, as the prediction column does
+    assert dm.raw_predict[0] == {"sentence": first_line[3], "label": dm.label_names[int(first_line[1])]}
 
 
 @needs_glue
@@ -103,9 +104,10 @@ def test_real_mrpc_bom_header_and_literal_quotes(real_glue):
     dm = real_glue("mrpc", "predict")
     assert len(dm.raw_predict) == len(rows) - 1  # no rows merged at a quote
     match = [r for r in dm.raw_predict if r["sentence1"] == quoted[3]]
-    assert match == [{"sentence1": quoted[3], "sentence2": quoted[4], "label": int(quoted[0])}]
+    names = dm.label_names
+    assert match == [{"sentence1": quoted[3], "sentence2": quoted[4], "label": names[int(quoted[0])]}]
     # The Quality column (behind the BOM) is the label: file counts equal parsed counts.
-    assert collections.Counter(dm.raw_predict["label"]) == collections.Counter(int(r[0]) for r in rows[1:])
+    assert collections.Counter(dm.raw_predict["label"]) == collections.Counter(names[int(r[0])] for r in rows[1:])
 
 
 @needs_glue
@@ -156,7 +158,7 @@ def test_qqp_layout_drops_malformed_rows(tmp_path, tokenizer):
     assert dm.train_dataset["labels"] == [0, 1]
     dm.setup("predict")
     # quotes kept, and "NA" is a text, not a missing value
-    assert dm.raw_predict[0] == {"question1": 'What is "NA"?', "question2": "NA", "label": 0}
+    assert dm.raw_predict[0] == {"question1": 'What is "NA"?', "question2": "NA", "label": "not_duplicate"}
     assert dm.num_labels == 2 and dm.label_names == ["not_duplicate", "duplicate"]
     assert set(dm.build_metrics()) == {"accuracy", "f1"}
 
@@ -209,7 +211,7 @@ def test_mnli_layout_has_two_validation_sets(tmp_path, tokenizer):
     dm.setup("test")
     assert len(dm.test_dataloader()) == 2
     dm.setup("predict")
-    assert dm.raw_predict[0] == {"premise": "Dogs bark.", "hypothesis": "Dogs are silent.", "label": 2}
+    assert dm.raw_predict[0] == {"premise": "Dogs bark.", "hypothesis": "Dogs are silent.", "label": "contradiction"}
     assert "labels" not in next(iter(dm.predict_dataloader()))
 
 

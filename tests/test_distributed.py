@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 TOL = 1e-5
 
-from support import csv_classification_data, sentiment_rows, write_csv, write_run_config
+from support import csv_classification_data, save_tiny_bert, sentiment_rows, write_csv, write_run_config
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -290,7 +290,7 @@ def resume_setup(tmp_path_factory) -> dict:
 
 def resume_config(setup: dict, name: str, num_workers: int = 0) -> tuple[Path, Path]:
     root = setup["work"] / name
-    cfg = write_config(setup["work"] / f"{name}.yaml", setup["model"], setup["csv"], root)
+    cfg = distributed_config(setup["work"] / f"{name}.yaml", setup["model"], setup["csv"], root)
     data = yaml.safe_load(cfg.read_text())
     data["trainer"].update(max_epochs=2, gradient_clip_val=1.0)
     data["model"]["melora"]["dropout"] = 0.1

@@ -388,3 +388,16 @@ def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: fl
         time.sleep(0.002)
     proc.kill()
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+def test_last_checkpoint_is_the_end_of_training_even_when_the_monitor_stops_improving(setup):
+    """Lightning 2.6 rewrites ``last`` only at a step where the top-k checkpoint was saved: with a
+    monitor that no longer improves, ``last.ckpt`` would stay at an older step and ``--ckpt_path
+    last`` would redo training. Learning rate 0: val/loss never improves after the first epoch."""
+    cfg, root = _config(setup, "monitored", model_args={"learning_rate": 0.0, "head_learning_rate": 0.0})
+    proc = run_cli("fit", "--config", str(cfg), "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min",
+                   "--checkpoint.save_top_k", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = [p.name for p in _ckpts(root).glob("epoch=*.ckpt")]
+    assert best == ["epoch=0-step=6.ckpt"], best  # the monitor did not improve in epoch 1
+    assert _load(_ckpts(root) / "last.ckpt")["global_step"] == TOTAL_STEPS

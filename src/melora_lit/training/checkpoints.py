@@ -354,8 +354,15 @@ class ResumableCheckpoint(ModelCheckpoint):
     def _save_epoch_end(self, trainer: L.Trainer) -> None:
         skip = (trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
                 or self._saved_step == trainer.global_step)
-        if lightning_private.checkpoint_every_n_train_steps(self) and not skip:
+        if skip:
+            return
+        if lightning_private.checkpoint_every_n_train_steps(self):
             lightning_private.save_topk_and_last(self, trainer)
+        elif self.save_last:
+            # Lightning (2.6) rewrites ``last`` only when the top-k checkpoint was saved at this
+            # step: without an improvement of the monitor, ``last`` would stay at an older step and
+            # ``--ckpt_path last`` would resume from there
+            lightning_private.save_last(self, trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -102,7 +102,7 @@ class NonFiniteGuard(Callback):
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
     for cb in trainer.checkpoint_callbacks:
-        path = getattr(cb, "last_model_path", "") or getattr(cb, "_last_checkpoint_saved", "")
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
         if path:
             return str(path)
     return None

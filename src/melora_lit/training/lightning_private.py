@@ -51,3 +51,45 @@ def save_topk_and_last(callback: Any, trainer: Any) -> None:
 def save_last(callback: Any, trainer: Any) -> None:
     """Save ``last`` now (a collective: every rank calls it)."""
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+# ----------------------------------------------------------------------------- strategies
+# FSDP2Strategy and FSDPStrategy (melora_lit.training.strategies) subclass Lightning's
+# ModelParallelStrategy and FSDPStrategy. Their settings live in private attributes with no
+# public reader: the data-parallel size ("auto" until the environment is known), whether a
+# checkpoint is saved as a sharded folder, FSDP1's state-dict type and activation-checkpointing
+# policy; and FSDP1 wraps the model in ``_setup_model``, the one hook that runs before wrapping.
+PRIVATE_MEMBERS += [
+    ("lightning.pytorch.strategies.ModelParallelStrategy", "_data_parallel_size"),
+    ("lightning.pytorch.strategies.ModelParallelStrategy", "_save_distributed_checkpoint"),
+    ("lightning.pytorch.strategies.FSDPStrategy", "_state_dict_type"),
+    ("lightning.pytorch.strategies.FSDPStrategy", "_activation_checkpointing_kwargs"),
+    ("lightning.pytorch.strategies.FSDPStrategy", "_setup_model"),
+]
+
+
+def resolve_data_parallel_size(strategy: Any) -> None:
+    """ModelParallelStrategy: ``data_parallel_size="auto"`` becomes every process."""
+    if strategy._data_parallel_size == "auto":
+        strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes
+
+
+def saves_distributed_checkpoint(strategy: Any) -> bool:
+    """ModelParallelStrategy: whether checkpoints are sharded folders (``save_distributed_checkpoint``)."""
+    return bool(strategy._save_distributed_checkpoint)
+
+
+def fsdp_state_dict_type(strategy: Any) -> str:
+    """FSDPStrategy: ``state_dict_type`` (``full`` or ``sharded``)."""
+    return str(strategy._state_dict_type)
+
+
+def fsdp_set_activation_checkpointing(strategy: Any, kwargs: dict[str, Any]) -> None:
+    """FSDPStrategy: the activation-checkpointing policy, unless the user gave one."""
+    if not strategy._activation_checkpointing_kwargs:
+        strategy._activation_checkpointing_kwargs = kwargs
+
+
+def fsdp_setup_model(strategy_class: type, strategy: Any, model: Any) -> Any:
+    """FSDPStrategy: Lightning's own wrapping of ``model`` (the parent's ``_setup_model``)."""
+    return super(strategy_class, strategy)._setup_model(model)

@@ -37,6 +37,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from . import lightning_private
+
 __all__ = [
     "FSDP2Strategy",
     "FSDPStrategy",
@@ -343,12 +345,11 @@ class FSDP2Strategy(_AdapterCheckpointMixin, ModelParallelStrategy):
                          process_group_backend=process_group_backend, timeout=timeout)
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        lightning_private.resolve_data_parallel_size(self)
         super().setup_environment()
 
     def _full_checkpoint(self) -> bool:
-        return not self._save_distributed_checkpoint
+        return not lightning_private.saves_distributed_checkpoint(self)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not self._full_checkpoint():
@@ -411,8 +412,8 @@ class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
         classes = transformer_layer_classes(model)
         if self.auto_wrap:
             self.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(classes))
-        if self.activation_checkpointing and not self._activation_checkpointing_kwargs:
-            self._activation_checkpointing_kwargs = {"auto_wrap_policy": ModuleWrapPolicy(classes)}
+        if self.activation_checkpointing:
+            lightning_private.fsdp_set_activation_checkpointing(self, {"auto_wrap_policy": ModuleWrapPolicy(classes)})
         rank_zero_info(f"melora-lit: FSDP units: each {'/'.join(sorted(c.__name__ for c in classes))}"
                        f"{' (activations checkpointed)' if self.activation_checkpointing else ''}, then the root")
 
@@ -421,7 +422,7 @@ class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
 
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             self.set_layer_policies(model)
-        return super()._setup_model(model)
+        return lightning_private.fsdp_setup_model(FSDPStrategy, self, model)
 
     def _full_checkpoint(self) -> bool:
-        return self._state_dict_type == "full"
+        return lightning_private.fsdp_state_dict_type(self) == "full"
