@@ -388,6 +388,8 @@ def logged_train_loss(root: Path) -> dict[int, float]:
     for events in sorted((root / "lightning_logs" / "version_0").glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events))
         acc.Reload()
+        if "train/loss_step" not in acc.Tags()["scalars"]:
+            continue  # a run killed before its first flush left an event file without it
         for e in acc.Scalars("train/loss_step"):
             values.setdefault(e.step, set()).add(e.value)
     assert all(len(v) == 1 for v in values.values()), values
