@@ -41,9 +41,17 @@ from ..sources import position_limit, resolve_pretrained
 from ..training.metrics import classification_metrics, regression_metrics
 from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 
-__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int"]
+__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int", "seeded_subset"]
 
 DataTask = Literal["sequence-classification", "causal-lm"]
+
+
+def seeded_subset(records: list, size: int | None, seed: int) -> list:
+    """``size`` of ``records`` drawn with ``seed``, in their original order (all when ``size`` is None)."""
+    if size is None or size >= len(records):
+        return records
+    keep = sorted(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+    return [records[i] for i in keep]
 
 
 def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:

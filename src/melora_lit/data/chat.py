@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .instruction import IGNORE_INDEX, InstructionDataModule
 from .packing import PackedCollator, pack_dataset
-from .base import check_int
+from .base import check_int, seeded_subset
 
 __all__ = ["CHAT_TEMPLATES", "CHAT_FORMATS", "ChatDataModule", "ChitChatConversationsDataModule",
            "ChatEncoder", "chitchat_conversations"]
@@ -574,8 +574,5 @@ class ChitChatConversationsDataModule(ChatDataModule):
 
     def _read_train(self) -> Dataset:
         records = list(chitchat_conversations(self.max_messages))
-        if self.max_records is not None and self.max_records < len(records):
-            g = torch.Generator().manual_seed(self.seed)
-            keep = sorted(torch.randperm(len(records), generator=g)[: self.max_records].tolist())
-            records = [records[i] for i in keep]
+        records = seeded_subset(records, self.max_records, self.seed)
         return _RowList(records)  # type: ignore[return-value]

@@ -20,7 +20,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 from ..training.metrics import language_modeling_metrics
 from ..errors import data_file_error, describe
 from ..training.resume import ResumableSampler
-from .base import DataTask, MELoRADataModule, check_int
+from .base import DataTask, MELoRADataModule, check_int, seeded_subset
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -556,9 +556,6 @@ class ChitChatDataModule(InstructionDataModule):
 
     def _read_train(self) -> Dataset:
         records = list(chitchat_pairs(self.context_turns))
-        if self.max_records is not None and self.max_records < len(records):
-            g = torch.Generator().manual_seed(self.seed)
-            keep = sorted(torch.randperm(len(records), generator=g)[: self.max_records].tolist())
-            records = [records[i] for i in keep]
+        records = seeded_subset(records, self.max_records, self.seed)
         return Dataset.from_dict({k: [r[k] for r in records] for k in ("instruction", "input", "output")})
 
