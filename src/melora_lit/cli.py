@@ -89,7 +89,13 @@ class MELoRACLI(LightningCLI):
         # unsafe file gets a one-line error naming it, not a traceback
         path = (self._subconfig() or {}).get("ckpt_path")
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
-            read_checkpoint(path)
+            self._read_checkpoint(path)
+
+    def _read_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """:func:`read_checkpoint`, once per file and run (the CLI checks it at several stages)."""
+        if getattr(self, "_checkpoint", (None,))[0] != str(path):
+            self._checkpoint = (str(path), read_checkpoint(path))
+        return self._checkpoint[1]
 
     def _subconfig(self) -> Any:
         subcommand = self.config.get("subcommand")
@@ -126,7 +132,7 @@ class MELoRACLI(LightningCLI):
                 raise ValueError(f"--ckpt_path last: {why}; nothing to resume: start a new run without --ckpt_path, "
                                  f"or use --ckpt_path auto (resume if there is a checkpoint, else start)")
             if found is not None:
-                read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
+                self._read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
                 if rank_zero_only.rank == 0:
                     print(f"melora-lit: resuming from {found}", file=sys.stderr)
             cfg.ckpt_path = str(found) if found is not None else None
@@ -179,7 +185,7 @@ class MELoRACLI(LightningCLI):
         # everything that can refuse the run, before fit writes anything into a run folder
         path = self.config_init[self.subcommand].get("ckpt_path")
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
-            ckpt = read_checkpoint(path)
+            ckpt = self._read_checkpoint(path)
             check_resume(path, ckpt, self.model.hparams, getattr(self.datamodule, "seed", None))
             check_resume_checkpoint(ckpt, self.trainer.world_size)  # mid-epoch: the same number of processes
         for callback in self.trainer.checkpoint_callbacks:
@@ -232,20 +238,18 @@ def _log_root(specs: list | None, root: Path) -> Path | None:
 def _check_monitor(monitor: str | None, model: Any, datamodule: Any) -> None:
     """A validation monitor this run never logs is an error now, not after training (when no
     checkpoint could be written). Only ``VAL_NAME/...`` monitors are checked."""
-    from .training.metrics import language_modeling_metrics
+    from .data.base import MELoRADataModule
 
     if not monitor:
         return
     names = list(getattr(datamodule, "val_names", None) or ["val"])
     if not any(monitor.startswith(f"{n}/") for n in names):
         return
-    task = model.hparams.get("task")
-    if task == "causal-lm":
-        metrics = language_modeling_metrics()
-    elif hasattr(datamodule, "build_metrics"):
-        metrics = datamodule.build_metrics()
-    else:
-        return
+    data = datamodule if isinstance(datamodule, MELoRADataModule) else None
+    if data is None and not model.is_causal_lm:
+        return  # a data module outside the contract names its own metrics
+    metrics = model.task.build_metrics(data)  # what the module logs (melora_lit.training.tasks)
+    task = model.task.name
     logged = sorted({f"{n}/{k}" for n in names for k in [*metrics.keys(), "loss"]})
     if monitor not in logged:
         raise ValueError(f"checkpoint.monitor={monitor!r} is never logged by this run (task {task}); use one of "
