@@ -112,6 +112,7 @@ def export_checkpoint(
     from .adapter import merge_melora
     from .adapter.quantize import dequantize_model
     from .sources import PACKAGE_PREFIX, gguf_source, locate_gguf, resolve_pretrained
+    from .training.checkpoints import read_checkpoint
 
     if format not in (*FORMATS, "all"):
         raise ValueError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}, all")
@@ -151,8 +152,9 @@ def export_checkpoint(
         model.save_pretrained(target)
         AutoTokenizer.from_pretrained(resolved).save_pretrained(target)
         written["merged"] = target
+    ckpt = read_checkpoint(ckpt_path)  # once for every model card
     for name, path in written.items():
-        write_model_card(path, name, ckpt_path, config, base_model=loadable)
+        write_model_card(path, name, ckpt_path, config, base_model=loadable, ckpt=ckpt)
         print(f"melora-lit: wrote {name} to {path}")
     return written
 
@@ -190,16 +192,18 @@ def _best_metric(ckpt: dict[str, Any]) -> tuple[str, float, int | None] | None:
 
 
 def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None = None,
-                     base_model: str | None = None) -> Path:
+                     base_model: str | None = None, ckpt: dict[str, Any] | None = None) -> Path:
     """Write ``folder/README.md``, a Hugging Face model card: YAML front matter (``base_model``,
     ``library_name``: ``transformers`` for ``merged``, ``peft`` for ``peft``, ``melora-lit`` for
     ``adapter``; ``tags``, ``pipeline_tag``), then the MELoRA settings (n, r, alpha, targets),
     the training data (the data module's class and files or task, from the run's config) and the
-    best validation metric (the checkpoint's ModelCheckpoint state, else ``hp_metric``)."""
-    import torch
+    best validation metric (the checkpoint's ModelCheckpoint state, else ``hp_metric``).
+    ``ckpt``: the checkpoint as already read (else it is read from ``ckpt_path``)."""
     import yaml
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    from .training.checkpoints import read_checkpoint
+
+    ckpt = ckpt if ckpt is not None else read_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") or {}
     melora = (ckpt.get("melora") or {}).get("config") or hparams.get("melora") or {}
     base_model = base_model or hparams.get("model_name_or_path")

@@ -36,6 +36,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..errors import first_line
+
 __all__ = [
     "SCHEMES",
     "QuantizationSummary",
@@ -121,7 +123,7 @@ def _torchao():
             from torchao.quantization import Int8WeightOnlyConfig, quantize_, to_nf4
     except ImportError as err:
         raise ValueError(f"quantization needs torchao>={MIN_TORCHAO}; the installed one cannot be used "
-                         f"({str(err).splitlines()[0]}): pip install -U 'melora-lit[quantization]'") from None
+                         f"({first_line(err)}): pip install -U 'melora-lit[quantization]'") from None
     return Int8WeightOnlyConfig, quantize_, to_nf4
 
 

@@ -22,6 +22,7 @@ from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from ..errors import first_line
 from .instruction import IGNORE_INDEX, InstructionDataModule
 from .packing import PackedCollator, pack_dataset
 from .base import check_int, seeded_subset
@@ -88,7 +89,7 @@ class ChatEncoder:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as err:  # jinja's raise_exception and template errors alike
-            raise BadRecord("the chat template refused it", f": {str(err).strip().splitlines()[0]}") from None
+            raise BadRecord("the chat template refused it", f": {first_line(err)}") from None
 
     def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
         """The rendered text as ``(text, trained)`` pieces that join to the whole rendering."""

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from datasets import Dataset, Features, Value, concatenate_datasets, load_dataset
 
-from ..errors import describe
+from ..errors import describe, first_line
 
 __all__ = ["SUBMISSION_COLUMN", "SUBMISSION_FILES", "glue_test_split", "write_submission"]
 
@@ -101,9 +101,8 @@ def _read_hub(spec: _TestFile, cache_dir: str | None) -> Dataset:
     try:
         ds = load_dataset(GLUE_HUB_DATASET, config, split=split, cache_dir=cache_dir)
     except Exception as err:  # offline, not cached, or any other hub failure
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load the GLUE test split {config}/{split} from the hub ({GLUE_HUB_DATASET}): "
-                         f"{first}; pass --data.init_args.data_dir with the GLUE TSVs ({spec.tsv})") from err
+                         f"{first_line(err)}; pass --data.init_args.data_dir with the GLUE TSVs ({spec.tsv})") from err
     ds = ds.remove_columns([c for c in ds.column_names if c == "label"]).rename_column("idx", "index")
     ds = ds.cast_column("index", Value("string"))
     return ds.add_column(SUBMISSION_COLUMN, [spec.name] * ds.num_rows)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import random
 import warnings
 from collections.abc import Sized
-from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
