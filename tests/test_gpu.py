@@ -91,6 +91,21 @@ def test_layer_on_cuda_matches_float64_block_diagonal(dtype, dropout, tokens):
     assert all(p.grad is None for p in layer.base.parameters())
 
 
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_adapters_built_on_cuda_start_where_a_cpu_run_starts(init):
+    """Lightning builds a one-GPU model on the GPU and an FSDP one on the CPU: the adapters must
+    start the same for the same seed (the CUDA generator draws other numbers than the CPU's)."""
+    def build(device: str) -> MELoRALinear:
+        torch.manual_seed(3)
+        base = nn.Linear(64, 96).to(device)  # the base drawn on the CPU in both
+        return MELoRALinear(base, r=2, n=8, init=init)  # the adapters on the base's device
+
+    cpu, cuda = build("cpu"), build("cuda")
+    assert cuda.lora_A.device.type == "cuda"
+    assert torch.equal(cuda.lora_A.cpu(), cpu.lora_A) and not cuda.lora_B.any()
+    assert cpu.lora_A.abs().sum() > 0
+
+
 def test_merge_and_unmerge_on_cuda():
     layer = cuda_layer(64, 32, 4, 2, torch.float32).eval()
     x = torch.randn(10, 64, device="cuda")

@@ -348,3 +348,22 @@ def test_compile_trains_the_same_adapter(dropout_bert):
     grads = [(p.grad, q.grad) for p, q in zip(eager.model.parameters(), compiled.model.parameters()) if p.requires_grad]
     assert grads and all(torch.allclose(a, b, atol=1e-5) for a, b in grads)
     assert any(a.abs().sum() > 0 for a, _ in grads)
+
+
+def test_the_model_is_built_on_the_cpu_whatever_device_lightning_names(saved_bert):
+    """Lightning runs ``configure_model`` inside ``torch.device(root_device)`` for one device or
+    DDP (on the CPU for FSDP). The model is built on the CPU all the same, so that its random
+    draws (the fresh head, the adapters) are the CPU generator's: one seed, one start, under every
+    strategy and on every device. The device named here is CUDA, on which a CPU-only machine
+    cannot make a single tensor."""
+    def build(device: str) -> MELoRAModule:
+        torch.manual_seed(0)
+        module = MELoRAModule(saved_bert, num_labels=2)
+        with torch.device(device):
+            module.configure_model()
+        return module
+
+    on_cpu, named_cuda = build("cpu").state_dict(), build("cuda").state_dict()
+    assert {v.device.type for v in named_cuda.values()} == {"cpu"}
+    assert on_cpu.keys() == named_cuda.keys()
+    assert all(torch.equal(on_cpu[k], v) for k, v in named_cuda.items())

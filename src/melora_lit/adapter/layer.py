@@ -257,15 +257,23 @@ class MELoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: Literal["kaiming", "gaussian"] = "kaiming") -> None:
-        if init == "kaiming":
-            # per block, so that the fan-in is d_in/n as in the paper's separate nn.Linear A_i
-            for a in self.lora_A:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
-        else:
+        if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init={init!r} is not valid; use 'kaiming' or 'gaussian'")
         nn.init.zeros_(self.lora_B)
+        if self.lora_A.is_meta:  # materialized later, and reset then
+            return
+        # A is drawn by the CPU generator wherever the layer lives: Lightning builds a one-GPU
+        # model on the GPU but an FSDP one on the CPU, and the CUDA generator draws other numbers
+        # for the same seed; so every device and strategy starts from a CPU run's adapters
+        A = self.lora_A if self.lora_A.device.type == "cpu" else torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+        if init == "kaiming":
+            # per block, so that the fan-in is d_in/n as in the paper's separate nn.Linear A_i
+            for a in A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(A, std=1.0 / self.r)
+        if A is not self.lora_A:
+            self.lora_A.copy_(A)
 
     def dense_A(self) -> torch.Tensor:
         """blockdiag(A_1..A_n) of shape (n*r, d_in), differentiable."""

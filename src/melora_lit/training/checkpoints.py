@@ -104,7 +104,7 @@ def load_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) ->
         state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         check_state_shapes({k[len("model."):]: v for k, v in state.items()},
                            {k[len("model."):]: s for k, s in module._checkpoint_shapes.items()})
-        trainer = _attached_trainer(module)
+        trainer = attached_trainer(module)
         if trainer is not None and is_sharded(trainer.strategy.model):
             load_full_state(module.trainer.strategy.model, state)  # each rank keeps its shard
         else:
@@ -115,7 +115,7 @@ def load_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) ->
         module.label_names = list(meta["label_names"])
 
 
-def _attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     try:
         return module.trainer  # Lightning raises when the module is not attached (export)
     except RuntimeError:
@@ -341,6 +341,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     _previous_usr1: Any = None
     _told = False  # the preemption message is printed once
     _saved_step: int | None = None  # global step of the last checkpoint written
+    _stop_at_epoch_end = False  # a signal came at an epoch's last batch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -368,6 +369,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         if lightning_private.saves_on_train_epoch_end(self, trainer):
             self._save_epoch_end(trainer)
+        if self._stop_at_epoch_end:  # a stop requested at the epoch's last batch
+            self._save_preempted(trainer)
+            raise SIGTERMException
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
@@ -380,6 +384,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and trainer.ckpt_path:
             self._remove_checkpoints_beyond_top_k()
         self._preempt_signal = None
+        self._stop_at_epoch_end = False
         self._told = False
         # SIGTERM is Lightning's (trainer.received_sigterm). SIGUSR1 is installed here, after
         # Lightning registered its own handlers, so that its SLURM auto-requeue handler (when
@@ -430,12 +435,21 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning (2.6) resumes a checkpoint written here at an epoch's last batch wrongly: the
+        # next epoch runs without being counted (nor its on_train_epoch_start), and a checkpoint
+        # written during that epoch resumes as a finished epoch, so that the epoch is trained
+        # again. The last batch's save is left to the epoch end (after validation), where
+        # ModelCheckpoint saves by default; so is a stop requested at that batch, as Lightning
+        # does with SIGTERM.
+        last_batch = trainer.is_last_batch
+        if not last_batch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # every rank must agree, or the save's collectives would hang
         stop = trainer.strategy.reduce_boolean_decision(self._signal_name(trainer) is not None, all=False)
-        if stop:
+        if stop and not last_batch:
             self._save_preempted(trainer)
             raise SIGTERMException  # what Lightning raises after this hook on SIGTERM; the CLI exits 3
+        self._stop_at_epoch_end = self._stop_at_epoch_end or stop
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)

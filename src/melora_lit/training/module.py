@@ -18,7 +18,7 @@ from torch import nn
 
 from ..adapter import InjectionSummary, MELoRAConfig, inject_melora
 from ..adapter.quantize import check_device, check_scheme, keep_out_of_ddp_broadcast, quantize_backbone
-from .checkpoints import load_adapter_state, record_adapter_shapes, save_adapter_state
+from .checkpoints import attached_trainer, load_adapter_state, record_adapter_shapes, save_adapter_state
 from .causal_lm import GenerationOptions
 from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
 from .precision import keep_trainable_float32
@@ -140,9 +140,14 @@ class MELoRAModule(L.LightningModule):
         if self.model is not None:  # called again by validate/test after fit
             return
         if self.hparams.get("quantization"):  # before any weights load: a setup it cannot serve fails here
-            _check_quantization_setup(self.hparams.quantization, self._trainer)
-        model = self.task.load_backbone(self.backbone_source)
-        self.summary = self._inject(model)
+            _check_quantization_setup(self.hparams.quantization, attached_trainer(self))
+        # Built on the CPU whatever device Lightning's context names (one GPU's for a single
+        # device or DDP, the CPU for FSDP), and moved by the strategy: every random draw (fresh
+        # heads, adapters) comes from the CPU generator, so for one seed a run starts from the same
+        # weights on the CPU, on one GPU, on several, and under FSDP.
+        with torch.device("cpu"):
+            model = self.task.load_backbone(self.backbone_source)
+            self.summary = self._inject(model)
         record_adapter_shapes(self, model)  # before sharding splits or renames the tensors
         self.model = self._parallelize(model)
 
@@ -157,6 +162,9 @@ class MELoRAModule(L.LightningModule):
             config = MELoRAConfig(**{**config.to_dict(), "modules_to_save": self.task.heads(model)})
         summary = inject_melora(model, config)
         if self.hparams.get("quantization"):  # the frozen linear layers, after the adapters took theirs
+            trainer = attached_trainer(self)
+            if trainer is not None:  # quantized where it runs (one device or DDP), in its memory
+                model.to(trainer.strategy.root_device)
             self.quantization_summary = quantize_backbone(model, self.hparams.quantization)
             keep_out_of_ddp_broadcast(self, model, "model.")
         if self.backbone_source.dtype not in (None, "float32"):
