@@ -276,3 +276,27 @@ def test_disabled_switches_only_the_current_thread():
         t.join()
     assert seen == {"here": False, "other": True}
     assert cpu_kernels.available()
+
+
+def test_a_build_killed_midway_does_not_block_later_processes():
+    """torch's build lock (a ``lock`` file in the build folder) stays behind when a build is
+    killed, and every later process would wait for it forever: it is removed under the
+    process-safe lock the kernels' builds take."""
+    if cpu_kernels.kernels_setting() == "0":
+        pytest.skip("MELORA_LIT_CPU_KERNELS=0")
+    from torch.utils import cpp_extension
+
+    assert cpu_kernels.available()  # built (here, in this folder) before the lock is planted
+    build_dir = cpp_extension._get_build_directory(f"melora_lit_cpu_{cpu_kernels._machine_tag()}", False)
+    stale = os.path.join(build_dir, "lock")
+    open(stale, "w").close()  # what a SIGKILL during a build leaves
+    try:
+        out = subprocess.run([sys.executable, "-c", "from melora_lit.adapter import cpu_kernels; "
+                              "print('available', cpu_kernels.available())"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        leftover = os.path.exists(stale)
+        if leftover:
+            os.remove(stale)
+    assert out.returncode == 0 and "available True" in out.stdout, out.stderr[-2000:]
+    assert not leftover

@@ -60,27 +60,50 @@ def _build() -> None:
 
     flags = ["-O3", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"])
     name = f"melora_lit_cpu_{_machine_tag()}"
-    try:  # a private helper, only to say that a (slow) first build is running
-        built = (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists()
-    except Exception:  # noqa: BLE001
-        built = True
-    if not built:
+    # torch's private helper: the one place that knows the build folder ($TORCH_EXTENSIONS_DIR)
+    build_dir = Path(cpp_extension._get_build_directory(name, False))
+    if not (build_dir / f"{name}.so").exists():
         print("melora_lit: compiling the fused CPU kernels for this machine (once, 10-30 s)",
               file=sys.stderr, flush=True)
     # ninja from the running interpreter's environment, also when it is not activated
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + path
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
     finally:
         os.environ["PATH"] = path
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One build at a time across processes, without torch's stale-lock hang.
+
+    torch serializes builds with a ``lock`` file in the build folder, removed when the build
+    ends: a build killed midway (a SIGKILL, a cancelled job) leaves it, and every later process
+    waits for it forever. Here builds first take an ``flock`` on ``melora_lit.flock``, which the
+    OS releases when its holder dies; whoever holds it knows that a ``lock`` file there is a
+    dead build's, and removes it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "melora_lit.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
