@@ -93,8 +93,8 @@ def test_layer_on_cuda_matches_float64_block_diagonal(dtype, dropout, tokens):
 
 @pytest.mark.parametrize("init", ["kaiming", "gaussian"])
 def test_adapters_built_on_cuda_start_where_a_cpu_run_starts(init):
-    """Lightning builds a one-GPU model on the GPU and an FSDP one on the CPU: the adapters must
-    start the same for the same seed (the CUDA generator draws other numbers than the CPU's)."""
+    """A layer made on a CUDA base draws A as on the CPU (the CUDA generator draws other
+    numbers for the same seed): a model injected on the GPU starts where a CPU one starts."""
     def build(device: str) -> MELoRALinear:
         torch.manual_seed(3)
         base = nn.Linear(64, 96).to(device)  # the base drawn on the CPU in both

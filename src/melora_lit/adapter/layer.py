@@ -262,9 +262,9 @@ class MELoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
         if self.lora_A.is_meta:  # materialized later, and reset then
             return
-        # A is drawn by the CPU generator wherever the layer lives: Lightning builds a one-GPU
-        # model on the GPU but an FSDP one on the CPU, and the CUDA generator draws other numbers
-        # for the same seed; so every device and strategy starts from a CPU run's adapters
+        # A is drawn by the CPU generator wherever the layer lives (the CUDA generator draws
+        # other numbers for the same seed): a model injected on a GPU starts from the adapters
+        # the same model injected on the CPU starts from
         A = self.lora_A if self.lora_A.device.type == "cpu" else torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
         if init == "kaiming":
             # per block, so that the fan-in is d_in/n as in the paper's separate nn.Linear A_i
