@@ -149,6 +149,24 @@ def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: s
     return samples
 
 
+def profile_ops(mod: nn.Module, x, g, device: str, steps: int = 5, top: int = 10) -> list[dict]:
+    """Where one forward+backward's time goes: torch.profiler's ops and kernels, by self time
+    on the device (CUDA kernels) or on the CPU, per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step(mod, x, g)
+    sync(device)
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step(mod, x, g)
+        sync(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0), key=lambda e: -getattr(e, attr))
+    return [{"name": e.key, "ms": getattr(e, attr) / 1e3 / steps, "calls": e.count / steps} for e in events[:top]]
+
+
 def paired_ratio(times: list[float], floor: list[float]) -> float:
     """Median over rounds of (time / floor time in the same round)."""
     return statistics.median([a / b for a, b in zip(times, floor)])

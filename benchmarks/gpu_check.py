@@ -55,7 +55,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench_layer import LoopMELoRA, melora, paired_ratio, peft_lora, sync, time_side_by_side  # noqa: E402
+from bench_layer import LoopMELoRA, melora, paired_ratio, peft_lora, profile_ops, sync, time_side_by_side  # noqa: E402
 
 # seconds per part; "glue" gets what the others leave of the total
 BUDGET = {"gpu": {"total": 470, "tests": 75, "strategies": 75, "layer": 90, "step": 60},
@@ -339,6 +339,18 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
                 "\n".join(f"- MELoRA {k}: {v['vs_floor']:.3f}x its floor (target <= {TARGET_LAYER}: "
                           f"{verdict(v['floor_target'], smoke)}), {v['vs_peft']:.3f}x PEFT LoRA at equal rank "
                           f"(target <= 1: {verdict(v['peft_target'], smoke)})" for k, v in verdicts.items()))
+    # where the adapter's time goes (the floor's ops beside it): what a fused kernel has to remove
+    profiled = {}
+    for name in ("frozen floor", "MELoRA n=8 r=1"):
+        try:
+            profiled[name] = profile_ops(eager[name], x, g, device)
+        except Exception as err:  # noqa: BLE001 - a profiler that cannot run must not cost the check
+            profiled[name] = [{"name": f"profiler failed: {type(err).__name__}: {err}"[:200], "ms": 0.0, "calls": 0}]
+    check.figures["layer"]["profile"] = profiled
+    check.table(f"Layer profile: self {'CUDA' if device == 'cuda' else 'CPU'} time per forward+backward, by op or kernel",
+                ["variant", "op or kernel", "ms per step", "calls per step"],
+                [[name, f"`{e['name'][:90]}`", f"{e['ms']:.4f}", f"{e['calls']:g}"]
+                 for name, events in profiled.items() for e in events])
 
 
 def verdict(ok: bool, smoke: bool) -> str:

@@ -66,6 +66,13 @@ def test_layer_and_step_ratios_are_plausible(smoke):
         assert 0.5 < v[name]["ratio"] < 50 and v[name]["median_ms"] > 0, name
         assert f"{name}, compiled" in v, layer.get("compile_error")
     assert set(layer["targets"]) >= {"n=8 r=1", "n=2 r=8"}
+    # the profile: the adapter's own ops (its batched per-block products) appear beside the floor's GEMM
+    prof = layer["profile"]
+    assert set(prof) == {"frozen floor", "MELoRA n=8 r=1"}
+    names = {name: [e["name"] for e in events] for name, events in prof.items()}
+    assert all(e["ms"] > 0 for events in prof.values() for e in events), prof
+    assert any(op in names["MELoRA n=8 r=1"] for op in ("aten::bmm", "melora_lit::fwd_update_", "melora_lit::bwd")), names
+    assert "aten::bmm" not in names["frozen floor"]
     timed = [c for c in step["configs"].values() if "skipped" not in c]
     assert timed, step["configs"]
     for c in timed:
