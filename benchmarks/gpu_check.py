@@ -300,6 +300,33 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
         compile_error = f"{type(err).__name__}: {err}"[:200]
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(tokens, d, device=device, dtype=dtype)
+    # the fused Triton candidate (benchmarks/triton_melora.py), GPU only, eager only: timed
+    # beside the rest, and checked against the torch path on the same layer first
+    # (on CPU under Triton's interpreter, TRITON_INTERPRET=1, as the smoke test runs it)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    triton_note = "" if device == "cuda" or interpreted else "the Triton candidate runs on a GPU only"
+    triton_check = {}
+    if not triton_note:
+        try:
+            from triton_melora import TritonMELoRA
+
+            for n, r in [(8, 1), (2, 8)]:
+                layer = eager[f"MELoRA n={n} r={r}"]  # B non-zero (bench_layer.melora)
+                fused = TritonMELoRA(layer)
+                outs = {}
+                for name, mod in (("torch", layer), ("triton", fused)):
+                    xc = x.detach().clone().requires_grad_()
+                    layer.lora_A.grad = layer.lora_B.grad = None
+                    y = mod(xc)
+                    y.backward(g)
+                    outs[name] = [y.detach().float(), xc.grad.float(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+                layer.lora_A.grad = layer.lora_B.grad = None
+                triton_check[f"n={n} r={r}"] = {
+                    what: float((a - b).norm() / b.norm().clamp_min(1e-30))
+                    for what, a, b in zip(("y", "dx", "dA", "dB"), outs["triton"], outs["torch"])}
+                variants[f"MELoRA n={n} r={r}, Triton"] = fused
+        except Exception as err:  # noqa: BLE001 - a candidate that fails must not cost the check
+            triton_note = f"Triton candidate failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
     t0 = time.perf_counter()
     try:
         time_side_by_side(variants, x, g, 1, device)  # compiles every variant (the timer's own warm-up follows)
@@ -327,7 +354,15 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
                 verdicts[f"n={n} r={r}{suffix}"] = {
                     "vs_floor": m["ratio_own_floor"], "floor_target": m["ratio_own_floor"] <= TARGET_LAYER,
                     "vs_peft": m["ratio"] / p["ratio"], "peft_target": m["ratio"] <= p["ratio"]}
+    for n, r in [(8, 1), (2, 8)]:
+        m = res.get(f"MELoRA n={n} r={r}, Triton")
+        if m:
+            verdicts[f"n={n} r={r}, Triton"] = {
+                "vs_floor": m["ratio"], "floor_target": m["ratio"] <= TARGET_LAYER,
+                "vs_peft": m["ratio"] / res[f"PEFT LoRA r={n * r}"]["ratio"],
+                "peft_target": m["ratio"] <= res[f"PEFT LoRA r={n * r}"]["ratio"]}
     check.figures["layer"] = {"d": d, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "rounds": reps,
+                              "triton_vs_torch_rel_err": triton_check, "triton_note": triton_note,
                               "compile_backend": compile_backend, "compile_error": compile_error,
                               "setup_s": round(setup, 1), "variants": res, "targets": verdicts}
     check.table(f"Layer d={d}, {tokens} tokens, {str(dtype).replace('torch.', '')}, forward+backward, {reps} rounds "
@@ -336,14 +371,19 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
                 [[k, f"{v['median_ms']:.3f}", f"{v['ratio']:.3f}x",
                   f"{v['ratio_own_floor']:.3f}x" if k.endswith(", compiled") else ""] for k, v in res.items()],
                 (f"torch.compile unavailable: {compile_error}\n\n" if compile_error else "") +
+                (f"{triton_note}\n\n" if triton_note else "") +
+                "".join(f"Triton vs torch path, {k}: relative error " + ", ".join(f"{w} {e:.1e}" for w, e in v.items())
+                        + "\n\n" for k, v in triton_check.items()) +
                 "\n".join(f"- MELoRA {k}: {v['vs_floor']:.3f}x its floor (target <= {TARGET_LAYER}: "
                           f"{verdict(v['floor_target'], smoke)}), {v['vs_peft']:.3f}x PEFT LoRA at equal rank "
                           f"(target <= 1: {verdict(v['peft_target'], smoke)})" for k, v in verdicts.items()))
     # where the adapter's time goes (the floor's ops beside it): what a fused kernel has to remove
     profiled = {}
-    for name in ("frozen floor", "MELoRA n=8 r=1"):
+    for name in ("frozen floor", "MELoRA n=8 r=1", "MELoRA n=8 r=1, Triton"):
+        if name not in variants:
+            continue
         try:
-            profiled[name] = profile_ops(eager[name], x, g, device)
+            profiled[name] = profile_ops(variants[name], x, g, device)
         except Exception as err:  # noqa: BLE001 - a profiler that cannot run must not cost the check
             profiled[name] = [{"name": f"profiler failed: {type(err).__name__}: {err}"[:200], "ms": 0.0, "calls": 0}]
     check.figures["layer"]["profile"] = profiled

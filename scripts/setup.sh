@@ -45,5 +45,13 @@ case ",$extras," in
       echo "setup: installing peft==$peft_oldest into $peft_dir (--no-deps)"
       pip install "${pip_quiet[@]}" --no-deps --target "$peft_dir" "peft==$peft_oldest"
     fi
+    # Triton, for the GPU kernels' tests under its CPU interpreter, in a folder of its own (a CPU
+    # torch must not find it: torch.compile and torchao would try to use it)
+    triton_version="3.5.0"
+    triton_dir="$(python -c 'import sys; print(sys.prefix)')/triton-$triton_version"
+    if [ ! -d "$triton_dir/triton" ]; then
+      echo "setup: installing triton==$triton_version into $triton_dir (--no-deps)"
+      pip install "${pip_quiet[@]}" --no-deps --target "$triton_dir" "triton==$triton_version"
+    fi
     ;;
 esac

@@ -103,6 +103,10 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# Triton for the GPU kernels' tests under its CPU interpreter: scripts/setup.sh test installs it
+# in a folder of its own, off sys.path (a CPU torch must not find it)
+TRITON_DIR = Path(os.environ.get("MELORA_LIT_TRITON_DIR", Path(sys.prefix) / "triton-3.5.0"))
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import TRITON_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +26,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("gpu-check")
+    env = dict(os.environ)
+    if (TRITON_DIR / "triton").is_dir():  # the Triton candidate too, under Triton's CPU interpreter
+        env.update(TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(TRITON_DIR), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "tables.md").read_text(), out
 
@@ -68,7 +74,7 @@ def test_layer_and_step_ratios_are_plausible(smoke):
     assert set(layer["targets"]) >= {"n=8 r=1", "n=2 r=8"}
     # the profile: the adapter's own ops (its batched per-block products) appear beside the floor's GEMM
     prof = layer["profile"]
-    assert set(prof) == {"frozen floor", "MELoRA n=8 r=1"}
+    assert set(prof) >= {"frozen floor", "MELoRA n=8 r=1"}
     names = {name: [e["name"] for e in events] for name, events in prof.items()}
     assert all(e["ms"] > 0 for events in prof.values() for e in events), prof
     assert any(op in names["MELoRA n=8 r=1"] for op in ("aten::bmm", "melora_lit::fwd_update_", "melora_lit::bwd")), names
@@ -80,6 +86,21 @@ def test_layer_and_step_ratios_are_plausible(smoke):
         assert c["floor"]["trainable"] == 0 < c["melora"]["trainable"] < c["peft"]["trainable"]
         for k in ("melora", "peft"):
             assert 0.3 < c[k]["ratio"] < 20 and c[k]["tokens_per_s"] > 0
+
+
+def test_triton_candidate_is_checked_timed_and_profiled(smoke):
+    """Under Triton's CPU interpreter the candidate goes through the check's own path: compared
+    with the torch path on the same layer, timed beside it, profiled."""
+    if not (TRITON_DIR / "triton").is_dir():
+        pytest.skip(f"triton not found at {TRITON_DIR}")
+    layer = smoke[0]["layer"]
+    assert layer["triton_note"] == "", layer["triton_note"]
+    for key in ("n=8 r=1", "n=2 r=8"):
+        errors = layer["triton_vs_torch_rel_err"][key]
+        assert set(errors) == {"y", "dx", "dA", "dB"} and max(errors.values()) < 1e-4, errors
+        assert layer["variants"][f"MELoRA {key}, Triton"]["median_ms"] > 0
+        assert f"{key}, Triton" in layer["targets"]
+    assert "MELoRA n=8 r=1, Triton" in layer["profile"]
 
 
 def test_glue_runs_and_report(smoke):
