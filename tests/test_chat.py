@@ -357,6 +357,18 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
             correct += int(max(range(3), key=scores.__getitem__) == d["gold"])
     assert results["results"]["animal_sounds"]["acc,none"] == pytest.approx(correct / len(docs))
 
+    # the shipped offline task reads its data from beside its YAML: it runs from any folder
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "chat" / "lm_eval"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("evaluate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--tasks",
+                   "chitchat_reply", "--include_path", str(shipped), "--limit", "4",
+                   "--output_path", str(elsewhere / "chitchat.json"), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((elsewhere / "chitchat.json").read_text())["results"]["chitchat_reply"]
+    assert 0.0 <= scored["acc,none"] <= 1.0 and json.loads((elsewhere / "chitchat.json").read_text())[
+        "n-samples"]["chitchat_reply"]["effective"] == 4
+
     # faults: one line, exit 2, the run folder untouched
     bad = _write(tmp_path / "bad.jsonl", _chats(3) + [{"messages": [{"role": "user", "content": 1}]}])
     before = _tree(run)

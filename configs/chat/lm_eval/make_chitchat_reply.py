@@ -4,7 +4,7 @@ replies from other conversations; acc counts how often the model finds the real 
 The examples come from the last conversations of the file, none of which the chat quickstart's
 seeded sample of chats draws on (checked here).
 
-    python configs/chat/lm_eval/make_chitchat_reply.py   # then, from the repository root:
+    python configs/chat/lm_eval/make_chitchat_reply.py   # then:
     melora-lit evaluate --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt \
         --tasks chitchat_reply --include_path configs/chat/lm_eval
 """
