@@ -24,6 +24,20 @@ NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
 FILLER = "the film about a family in a small town with music and a long ending".split()
 
 
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (symlinks as their target's name) and its sha256: a run folder
+    before and after a fault must be byte-identical."""
+    import hashlib
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def dense_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """scaling * blockdiag(B_1 A_1, ..., B_n A_n) from stored (n,r,k) / (n,o,r) factors: the
     independent reference the MELoRA layer tests compare with."""

@@ -7,7 +7,6 @@ Templates use the real SmolLM2 tokenizer (with its own chat template) from the G
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -20,7 +19,7 @@ from melora_lit.data import ChatDataModule
 from melora_lit.data.chat import chitchat_conversations
 from melora_lit.data.packing import PackedCollator, pack_dataset, pack_rows
 from melora_lit.training.generation_eval import reply_scores
-from support import run_cli
+from support import run_cli, tree_hashes
 from support import tiny_llama as tiny_llama_model
 from test_instruct import smol_tokenizer, tiny_llama  # noqa: F401 - session fixtures shared with test_instruct
 
@@ -268,11 +267,6 @@ def test_chitchat_conversations_alternate_and_keep_every_message():
 # ----------------------------------------------------------------------------- through the CLI
 
 
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # noqa: F811
     from melora_lit.cli import cli_main
 
@@ -371,7 +365,7 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
 
     # faults: one line, exit 2, the run folder untouched
     bad = _write(tmp_path / "bad.jsonl", _chats(3) + [{"messages": [{"role": "user", "content": 1}]}])
-    before = _tree(run)
+    before = tree_hashes(run)
     for args, expected in [
         (["fit", "--config", str(config), "--data.init_args.train_file", bad, "--data.init_args.bad_records",
           "error"], f"{bad} record 4: non-string content: turn 1 content is int 1"),
@@ -383,6 +377,6 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("melora-lit: error: ") and expected in last, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
-    assert _tree(run) == before
+    assert tree_hashes(run) == before
     with pytest.raises(ValueError, match="chat_template='vicuna' is not valid; use one of chatml, llama2"):
         ChatDataModule(train_file=train, chat_template="vicuna")

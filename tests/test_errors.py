@@ -8,7 +8,6 @@ docs/errors.md must show each case's actual message, with the test's folder writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import resource
@@ -22,14 +21,9 @@ import torch
 
 import yaml
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
+from support import melora_cmd, melora_env, run_cli, sentiment_rows, tree_hashes, write_config, write_csv
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +54,8 @@ def work(tmp_path_factory, dropout_bert) -> dict:
     # a copy of the run that a resume under a full disk must leave as it was
     shutil.copytree(run, w / "full_disk_runs" / "lightning_logs" / "version_0")
     copy = w / "full_disk_runs" / "lightning_logs" / "version_0" / "checkpoints"
-    return {"dir": w, "cfg": cfg, "run": run, "last": last, "other": other, "before": _tree(run),
-            "copy": copy, "copy_before": _tree(copy)}
+    return {"dir": w, "cfg": cfg, "run": run, "last": last, "other": other, "before": tree_hashes(run),
+            "copy": copy, "copy_before": tree_hashes(copy)}
 
 
 def _write_bad_inputs(w: Path, rows: list[dict], last: Path) -> None:
@@ -202,12 +196,12 @@ def test_mistake_gives_one_line_exit_2_and_touches_nothing(case, results, work):
     assert proc.returncode == STATUS.get(case, 2), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert CASES[case][1] in message
-    assert _tree(work["run"]) == work["before"]  # the earlier run is as it was
+    assert tree_hashes(work["run"]) == work["before"]  # the earlier run is as it was
 
 
 def test_full_disk_keeps_the_checkpoints_it_had(results, work):
     assert results["disk_full"].returncode == 74
-    assert _tree(work["copy"]) == work["copy_before"]  # no torn or removed checkpoint, no stray temp file
+    assert tree_hashes(work["copy"]) == work["copy_before"]  # no torn or removed checkpoint, no stray temp file
 
 
 def test_nothing_written_before_a_refused_output(results, work):

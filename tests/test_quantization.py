@@ -9,7 +9,6 @@ layer's size is a multiple of the nf4 block (64 weights), so all of them are qua
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from torch import nn
 
 pytest.importorskip("torchao", reason="quantization needs torchao (pip install 'melora-lit[quantization]')")
 
-from support import dense_delta, melora_cmd, melora_env, run_cli  # noqa: E402
+from support import dense_delta, melora_cmd, melora_env, run_cli, tree_hashes  # noqa: E402
 from melora_lit.adapter import MELoRAConfig, MELoRALinear, inject_melora, melora_layers  # noqa: E402
 from melora_lit.adapter.quantize import (  # noqa: E402
     check_device,
@@ -347,11 +346,6 @@ def test_gguf_source_is_dequantized_then_requantized_to_nf4(work, tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- refusals
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 REFUSALS = {
     "unknown_scheme": (["--model.quantization", "nf5"], "model.quantization='nf5' is not valid; use one of nf4, int8"),
     "library_missing": (["--model.quantization", "int8"], "quantization='int8' needs torchao>=0.18, which is not "
@@ -365,7 +359,7 @@ REFUSALS = {
 def test_refusals_are_one_line_before_any_weights_load(case, work, reference):
     args, message = REFUSALS[case]
     run = reference["root"] / "lightning_logs" / "version_0"
-    before = _tree(run)
+    before = tree_hashes(run)
     cmd = ["fit", "--config", str(work["cfg"]), *args, "--trainer.default_root_dir", str(reference["root"])]
     if case == "library_missing":  # the same command where torchao cannot be imported
         code = ("import sys; sys.modules['torchao'] = None; from melora_lit.cli import main; "
@@ -378,5 +372,5 @@ def test_refusals_are_one_line_before_any_weights_load(case, work, reference):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert message in errors[0] and "Traceback" not in proc.stderr
     assert "Loading weights" not in proc.stderr  # refused before the backbone was read
-    assert _tree(run) == before  # the earlier run is as it was
+    assert tree_hashes(run) == before  # the earlier run is as it was
     print(f"{case}: {errors[0]}")

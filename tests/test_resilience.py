@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
+from support import melora_cmd, melora_env, run_cli, sentiment_rows, tree_hashes, write_config, write_csv
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 TOTAL_STEPS = 12  # 2 epochs x 6 steps
@@ -188,6 +188,7 @@ def test_stop_at_an_epoch_boundary_then_resume_gives_the_uninterrupted_run(setup
     it again (18 steps instead of 12). The run exits 3; ``--ckpt_path last`` ends bit-identical."""
     cfg, root = _config(setup, f"boundary-{start}-{signame}-{moment}-{step}")
     first = ["--ckpt_path", str(_step_file(reference["root"], start))] if start else []
+    before = tree_hashes(reference["root"])  # the run resumed from is another run's: left as it was
     env = melora_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(melora_cmd("fit", "--config", str(cfg), *CKPT_ARGS, *first,
                                      *_signal_at(setup, signame, moment, step)),
@@ -201,6 +202,7 @@ def test_stop_at_an_epoch_boundary_then_resume_gives_the_uninterrupted_run(setup
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _load(_ckpts(root) / "last.ckpt")
     assert final["global_step"] == TOTAL_STEPS and _max_diff(final, reference["last"]) == 0.0
+    assert tree_hashes(reference["root"]) == before
 
 
 def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(setup, reference, tmp_path):

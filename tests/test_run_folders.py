@@ -10,7 +10,6 @@ The messages of the fault cases are listed in docs/errors.md ("Runs, resume and 
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import re
@@ -24,22 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
+from support import melora_cmd, melora_env, run_cli, sentiment_rows, tree_hashes, write_config, write_csv
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 TABLE_PREFIX = "`test_run_folders.py::"
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (symlinks as their target's name) and its sha256."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def _error(proc: subprocess.CompletedProcess) -> str:
@@ -109,14 +97,14 @@ def faults(base) -> dict:
             _copy(base, case)
             if callable(prepare):
                 prepare(root)
-        prepared[case] = (root, _tree(root))
+        prepared[case] = (root, tree_hashes(root))
 
     def one(case: str) -> subprocess.CompletedProcess:
         return _fit(base, prepared[case][0], *FAULTS[case][1])
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         procs = dict(zip(FAULTS, pool.map(one, FAULTS)))
-    return {case: {"proc": procs[case], "root": root, "before": before, "after": _tree(root)}
+    return {case: {"proc": procs[case], "root": root, "before": before, "after": tree_hashes(root)}
             for case, (root, before) in prepared.items()}
 
 
