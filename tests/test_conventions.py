@@ -375,7 +375,9 @@ def test_dockerfile_installs_what_every_shipped_config_needs():
     extras = set(re.search(r'pip install [^\n]*"\.\[([a-z,]+)\]"', dockerfile).group(1).split(","))
     provided = base | set().union(*(_requirement_names(project["optional-dependencies"][e]) for e in extras))
     provided |= {_norm(n) for n in re.findall(r"--no-deps \"?([A-Za-z0-9_.-]+)", dockerfile)}
-    configs = [*ROOT.glob("configs/**/*.yaml"), ROOT / "src/melora_lit/configs/quickstart.yaml"]
+    # every run config; lm-eval task definitions (configs/**/lm_eval/) are lm-eval's YAML, not runs
+    configs = [*(p for p in ROOT.glob("configs/**/*.yaml") if "lm_eval" not in p.parts),
+               ROOT / "src/melora_lit/configs/quickstart.yaml"]
     needed: dict[str, set[str]] = {}
     for path in configs:
         cfg = yaml.safe_load(path.read_text()) or {}
