@@ -6,9 +6,21 @@ builders ``support.tiny_bert`` etc. return in-memory models.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from support import save_tiny_bert
+
+# Under pytest-xdist each worker gets its share of the cores for torch's thread pool, and so do
+# the melora-lit processes it starts (OMP_NUM_THREADS): two workers of 2 threads each on 2 cores
+# spend their time waiting for each other. Results do not depend on it (tests that compare runs
+# compare runs made under the same setting).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="session")

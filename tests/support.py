@@ -175,6 +175,56 @@ def melora_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """A real ``melora-lit`` process (``python -m melora_lit.cli``), offline."""
+    """A real ``melora-lit`` process (``python -m melora_lit.cli``), offline: for what only a
+    process can show (an exit status under a signal or a kill, a second process, start-up). The
+    rest calls :func:`run_main` in the test process."""
     return subprocess.run(melora_cmd(*args), capture_output=True, text=True, timeout=timeout, env=melora_env(),
                           **popen)
+
+
+def run_main(*args: str, cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+             **_ignored) -> subprocess.CompletedProcess:
+    """``melora_lit.cli.main(args)`` in this process, as :func:`run_cli` would run it: the exit
+    status (0, or ``SystemExit``'s code), stdout and stderr (an uncaught exception's traceback
+    included, status 1), with the current folder, the environment, the signal handlers, the
+    warning filters and the global RNGs put back afterwards (a run must not change the next test).
+    ``timeout`` and other ``subprocess`` keywords are accepted and ignored."""
+    import contextlib
+    import io
+    import signal
+    import traceback
+    import warnings
+
+    from melora_lit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    import numpy as np
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    status = 0
+    try:
+        os.environ.update(OFFLINE_ENV, **(env or {}))
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as stop:
+                status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - a traceback is what the test must see, as a process prints it
+                traceback.print_exc(file=sys.stderr)
+                status = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+    return subprocess.CompletedProcess(["melora-lit", *args], status, out.getvalue(), err.getvalue())

@@ -371,6 +371,7 @@ def test_peft_export_holds_only_peft_keys_and_the_provenance_beside(peft_exports
     assert provenance["melora_lit_version"] == melora_lit.__version__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["newest", "oldest"])
 def test_peft_export_loads_in_the_oldest_and_newest_peft(peft_exports, which):
     """The export gives the adapted model's outputs in every PEFT version the project declares,

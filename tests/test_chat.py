@@ -19,7 +19,7 @@ from melora_lit.data import ChatDataModule
 from melora_lit.data.chat import chitchat_conversations
 from melora_lit.data.packing import PackedCollator, pack_dataset, pack_rows
 from melora_lit.training.generation_eval import reply_scores
-from support import run_cli, tree_hashes
+from support import run_main, tree_hashes
 from support import tiny_llama as tiny_llama_model
 from test_instruct import smol_tokenizer, tiny_llama  # noqa: F401 - session fixtures shared with test_instruct
 
@@ -87,6 +87,7 @@ def _expected_turn(template: str | None, content: str, eos: str) -> str:
     return f"{content}<|im_end|>"  # SmolLM2's own template and chatml
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", [None, "chatml", "llama2"])
 def test_labels_are_exactly_the_assistant_turns(smol_tokenizer, tmp_path, template):  # noqa: F811
     train = _write(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
@@ -267,6 +268,7 @@ def test_chitchat_conversations_alternate_and_keep_every_message():
 # ----------------------------------------------------------------------------- through the CLI
 
 
+@pytest.mark.slow
 def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # noqa: F811
     from melora_lit.cli import cli_main
 
@@ -355,7 +357,7 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
     shipped = Path(__file__).resolve().parents[1] / "configs" / "chat" / "lm_eval"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = run_cli("evaluate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--tasks",
+    proc = run_main("evaluate", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--tasks",
                    "chitchat_reply", "--include_path", str(shipped), "--limit", "4",
                    "--output_path", str(elsewhere / "chitchat.json"), cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -372,7 +374,7 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
         (["evaluate", "--ckpt_path", str(ckpt), "--tasks", "no_such_task", "--include_path", str(tasks)],
          "unknown task(s) no_such_task"),
     ]:
-        proc = run_cli(*args)
+        proc = run_main(*args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("melora-lit: error: ") and expected in last, proc.stderr[-2000:]

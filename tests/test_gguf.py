@@ -107,6 +107,7 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("melora-lit-cache")
 
 
+@pytest.mark.slow
 def test_gguf_is_dequantized_once_cached_and_remade_when_the_file_changes(tiny_gguf, cache_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -137,7 +137,7 @@ def test_adapter_file_moves_between_cuda_and_cpu(tmp_path, direction):
     fresh = tiny_bert(seed=0).to(dst_dev)  # same base weights, no adapter yet
     load_adapter(fresh, tmp_path / "adapter")
     assert all(p.device.type == dst_dev for p in fresh.parameters())
-    ids = torch.randint(1, 99, (3, 9))
+    ids = torch.randint(1, 99, (3, 9), generator=torch.Generator().manual_seed(0))
 
     def last_hidden(model: nn.Module, device: str) -> torch.Tensor:
         out = model.eval()(input_ids=ids.to(device), output_hidden_states=True)

@@ -20,7 +20,7 @@ from support import TRITON_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

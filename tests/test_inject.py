@@ -21,7 +21,7 @@ from melora_lit import (
     merge_melora,
 )
 
-from support import ids, run_cli, sentiment_rows, tiny_bert, tiny_gpt2, tiny_llama, write_config, write_csv
+from support import ids, run_main, sentiment_rows, tiny_bert, tiny_gpt2, tiny_llama, write_config, write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -181,6 +181,7 @@ def test_modules_to_save_trainable_and_in_adapter_state():
 # --------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
 def test_gradients_reach_only_adapter_and_saved_modules(builder):
     model = builder()
@@ -222,6 +223,7 @@ def roberta_base():
 ROBERTA_QV = {f"roberta.encoder.layer.{i}.attention.self.{m}" for i in range(12) for m in ("query", "value")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 16, 32, 64, 96, 256, 768])
 def test_roberta_base_params_r1(roberta_base, n):
     model = roberta_base
@@ -385,6 +387,7 @@ def test_merge_melora_gives_plain_model_and_round_trips(builder, tmp_path):
 # --------------------------------------------------------------------------- through the CLI
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_pattern_key_that_selects_nothing(tmp_path, dropout_bert):
     """A rank_pattern key copied with a typo: one line naming the key and the rule, exit 2, and
     the earlier run folder untouched."""
@@ -398,7 +401,7 @@ def test_cli_refuses_a_pattern_key_that_selects_nothing(tmp_path, dropout_bert):
               "rank_pattern": {r"layer\.0\.attention\.self\.vaule": 1}}
     cfg = write_config(tmp_path / "config.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(32, 1)),
                        runs, model_args={"melora": melora})
-    proc = run_cli("fit", "--config", str(cfg))
+    proc = run_main("fit", "--config", str(cfg))
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
     assert errors == [r"melora-lit: error: rank_pattern key 'layer\.0\.attention\.self\.vaule' matches none of "
@@ -433,6 +436,7 @@ print(type(model.q).__name__)
 """
 
 
+@pytest.mark.slow
 def test_the_adapter_imports_and_works_without_lightning_or_transformers(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_LIGHTNING, str(tmp_path / "adapter")], capture_output=True,
                           text=True, timeout=120)

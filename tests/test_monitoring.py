@@ -87,6 +87,7 @@ def test_main_metric_choice():
 
 
 # ----------------------------------------------------------------------------- a real run
+@pytest.mark.slow
 def test_tiny_run_writes_every_tag(tmp_path, saved_bert):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2

@@ -70,6 +70,7 @@ def _fit(tmp_path, saved_bert, train_csv, precision, accelerator="cpu") -> tuple
     return cli, probe, ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, param_dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])
 def test_bf16_trains_with_the_adapter_in_the_right_dtype(tmp_path, saved_bert, train_csv, precision, param_dtype):
     cli, probe, ckpt = _fit(tmp_path, saved_bert, train_csv, precision)

@@ -74,6 +74,7 @@ def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_report_of_real_runs(runs, tmp_path):
     out = tmp_path / "report"
     paths = cli_main(["report", str(runs["logs"]), "--output", str(out)])  # the folder of all runs

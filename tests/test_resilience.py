@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, tree_hashes, write_config, write_csv
+from support import melora_cmd, melora_env, run_main, sentiment_rows, tree_hashes, write_config, write_csv
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 TOTAL_STEPS = 12  # 2 epochs x 6 steps
@@ -79,7 +79,7 @@ def _config(setup: dict, name: str, **kw) -> tuple[Path, Path]:
 def reference(setup) -> dict:
     """The uninterrupted run, every step's checkpoint kept."""
     cfg, root = _config(setup, "reference")
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS)
+    proc = run_main("fit", "--config", str(cfg), *CKPT_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _load(_ckpts(root) / "last.ckpt")
     assert last["global_step"] == TOTAL_STEPS
@@ -104,6 +104,7 @@ def _wait_for_step(proc: subprocess.Popen, root: Path, step: int, timeout: float
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(setup, reference):
     cfg, root = _config(setup, "killed")
     rng = random.Random(2024)  # kill points spread over both epochs, apart enough for overshoot
@@ -124,7 +125,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(setup, 
         print(f"killed at step >= {k}: last.ckpt at step {step}, max abs diff to the reference {diff:.3g}")
         assert diff == 0.0 and _progress(last) == _progress(same_step)
         resume = ["--ckpt_path", "last"]
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, "--ckpt_path", "last")
+    proc = run_main("fit", "--config", str(cfg), *CKPT_ARGS, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr
     final = _load(_ckpts(root) / "last.ckpt")
@@ -137,6 +138,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(setup, 
 
 # SIGUSR1 with 2 loader workers: they draw indices batches ahead of the loop, and the resumed
 # run must still continue right after the last batch trained on (same data as without workers)
+@pytest.mark.slow
 @pytest.mark.parametrize("signame, workers", [("SIGTERM", 0), ("SIGUSR1", 2)])
 def test_preemption_signal_saves_last_exits_3_and_resumes_exactly(setup, reference, signame, workers):
     cfg, root = _config(setup, f"preempted-{signame}")
@@ -156,7 +158,7 @@ def test_preemption_signal_saves_last_exits_3_and_resumes_exactly(setup, referen
     assert 4 <= step < TOTAL_STEPS
     assert _max_diff(last, _load(_step_file(reference["root"], step))) == 0.0
 
-    proc = run_cli("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "4",
+    proc = run_main("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "4",
                    "--checkpoint.save_top_k", "-1", *loader, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _load(_ckpts(root) / "last.ckpt")
@@ -172,6 +174,7 @@ def _signal_at(setup: dict, signame: str, moment: str, step: int) -> list[str]:
     return ["--config", str(path)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start, signame, moment, step", [
     (0, "SIGUSR1", "train_batch_end", 6),  # the last batch of epoch 0
     (0, "SIGTERM", "validation", 6),  # during epoch 0's validation
@@ -198,13 +201,14 @@ def test_stop_at_an_epoch_boundary_then_resume_gives_the_uninterrupted_run(setup
     print(f"{signame} at {moment} of step {step}: last.ckpt at step {last['global_step']}")
     assert last["global_step"] >= step and _max_diff(last, _load(_step_file(reference["root"],
                                                                               last["global_step"]))) == 0.0
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, "--ckpt_path", "last")
+    proc = run_main("fit", "--config", str(cfg), *CKPT_ARGS, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _load(_ckpts(root) / "last.ckpt")
     assert final["global_step"] == TOTAL_STEPS and _max_diff(final, reference["last"]) == 0.0
     assert tree_hashes(reference["root"]) == before
 
 
+@pytest.mark.slow
 def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(setup, reference, tmp_path):
     """RLIMIT_FSIZE makes the resumed run's first write of last.ckpt fail half-way (EFBIG, as a
     full disk would): the run dies, last.ckpt is untouched. TMPDIR is on another filesystem
@@ -245,11 +249,12 @@ def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(se
     assert _load(last)["global_step"] == TOTAL_STEPS + 6
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(setup):
     # a learning rate of 1e30 makes the first update enormous: the second step's loss is not finite
     cfg, root = _config(setup, "nan-stop", model_args={"learning_rate": 1e30, "head_learning_rate": 1e30,
                                                          "warmup_ratio": 0.0})
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS)
+    proc = run_main("fit", "--config", str(cfg), *CKPT_ARGS)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
     print(lines)
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -297,6 +302,7 @@ def test_skip_action_skips_non_finite_steps_and_counts_them(setup):
     assert _load(_ckpts(root) / "last.ckpt")["callbacks"]["NonFiniteGuard"] == {"skipped_steps": 2}
 
 
+@pytest.mark.slow
 def test_checkpoints_are_plain_and_a_pickled_object_is_refused_in_one_line(setup, reference, tmp_path):
     import argparse
 
@@ -309,7 +315,7 @@ def test_checkpoints_are_plain_and_a_pickled_object_is_refused_in_one_line(setup
     ckpt["hyper_parameters"]["args"] = argparse.Namespace(lr=1.0)  # as old Lightning versions pickled
     bad = tmp_path / "foreign.ckpt"
     torch.save(ckpt, bad)
-    proc = run_cli("validate", "--config", str(reference["cfg"]), "--ckpt_path", str(bad))
+    proc = run_main("validate", "--config", str(reference["cfg"]), "--ckpt_path", str(bad))
     lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
     print(lines)
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
@@ -364,6 +370,7 @@ def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers
     assert seen + rest == reference and sorted(reference) == data
 
 
+@pytest.mark.slow
 def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference):
     """Ten SIGKILLs of one run at seeded random moments: while it starts up, at a random time
     after a step, or the moment a checkpoint write has begun (its temp file exists), each
@@ -407,7 +414,7 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
                   f"{last['global_step']}, max abs diff to the reference {diff:.3g}")
             assert diff == 0.0 and _progress(last) == _progress(same_step)
             resume = ["--ckpt_path", "last"]
-    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, *resume, timeout=900)
+    proc = run_main("fit", "--config", str(cfg), *CKPT_ARGS, *resume, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = _load(ckpts / "last.ckpt")
     diff = _max_diff(final, reference["last"])
@@ -441,12 +448,13 @@ def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: fl
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_end_of_training_even_when_the_monitor_stops_improving(setup):
     """Lightning 2.6 rewrites ``last`` only at a step where the top-k checkpoint was saved: with a
     monitor that no longer improves, ``last.ckpt`` would stay at an older step and ``--ckpt_path
     last`` would redo training. Learning rate 0: val/loss never improves after the first epoch."""
     cfg, root = _config(setup, "monitored", model_args={"learning_rate": 0.0, "head_learning_rate": 0.0})
-    proc = run_cli("fit", "--config", str(cfg), "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min",
+    proc = run_main("fit", "--config", str(cfg), "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min",
                    "--checkpoint.save_top_k", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = [p.name for p in _ckpts(root).glob("epoch=*.ckpt")]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import melora_cmd, melora_env, run_cli, sentiment_rows, tree_hashes, write_config, write_csv
+from support import melora_cmd, melora_env, run_cli, run_main, sentiment_rows, tree_hashes, write_config, write_csv
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -47,7 +47,7 @@ def base(tmp_path_factory, dropout_bert) -> dict:
     train = write_csv(work / "train.csv", sentiment_rows(64, seed=3))
     root = work / "base"
     cfg = write_config(work / "config.yaml", dropout_bert, train, root, trainer={"max_epochs": 1})
-    proc = run_cli("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "2")
+    proc = run_main("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"work": work, "cfg": cfg, "root": root, "train": train, "model": dropout_bert}
 
@@ -60,7 +60,7 @@ def _copy(base: dict, name: str) -> Path:
 
 def _fit(base: dict, root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("timeout", 900)  # a loaded machine: the default 300 s is too short for some runs
-    return run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+    return run_main("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
                    "--checkpoint.every_n_train_steps", "2", *args, **kw)
 
 
@@ -84,10 +84,8 @@ FAULTS: dict[str, tuple] = {
 
 @pytest.fixture(scope="module")
 def faults(base) -> dict:
-    """Each fault case run by the real command, concurrently, each in its own copy of the base
-    run; the trees before and after."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Each fault case run by ``melora-lit``'s ``main`` in this process, each in its own copy of
+    the base run; the trees before and after."""
     prepared = {}
     for case, (prepare, args, _) in FAULTS.items():
         root = base["work"] / case
@@ -99,15 +97,12 @@ def faults(base) -> dict:
                 prepare(root)
         prepared[case] = (root, tree_hashes(root))
 
-    def one(case: str) -> subprocess.CompletedProcess:
-        return _fit(base, prepared[case][0], *FAULTS[case][1])
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(zip(FAULTS, pool.map(one, FAULTS)))
+    procs = {case: _fit(base, prepared[case][0], *FAULTS[case][1]) for case in FAULTS}
     return {case: {"proc": procs[case], "root": root, "before": before, "after": tree_hashes(root)}
             for case, (root, before) in prepared.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(FAULTS))
 def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faults, base, case):
     """A refused resume (other settings, other data seed), an unreadable newest ``last.ckpt``
@@ -136,6 +131,7 @@ def test_docs_table_shows_each_case_and_its_actual_message(faults, base):
 
 
 # ----------------------------------------------------------------------------- resume, any logger
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", ["CSVLogger", "false"])
 def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_left(base, logger):
     """The newest run is resumed in its own folder with a CSV logger or none; on that start it
@@ -162,7 +158,7 @@ def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_
         shutil.rmtree(run / "checkpoints")  # (a copy without the TensorBoard events of epoch 0)
         for events in run.glob("events.out.tfevents.*"):
             events.unlink()
-        report = run_cli("report", str(run), "--output", str(root / "report"), timeout=900)
+        report = run_main("report", str(run), "--output", str(root / "report"), timeout=900)
         assert report.returncode == 0, report.stderr[-2000:]
         import csv
 
@@ -184,6 +180,7 @@ def _allocate_many(root: str, count: int, queue) -> None:
     queue.put([allocate_version(root) for _ in range(count)])
 
 
+@pytest.mark.slow
 def test_version_folders_are_allocated_atomically_across_processes(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -197,6 +194,7 @@ def test_version_folders_are_allocated_atomically_across_processes(tmp_path):
     assert sorted(int(p.name.split("_")[1]) for p in tmp_path.iterdir()) == list(range(60))
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_two_folders(base, tmp_path):
     root = tmp_path / "together"
     args = ["fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
@@ -218,6 +216,7 @@ def test_two_runs_started_together_get_two_folders(base, tmp_path):
 
 
 # ----------------------------------------------------------------------------- SIGTERM twice
+@pytest.mark.slow
 @pytest.mark.parametrize("gap", [0.05, 1.0])
 def test_a_second_sigterm_changes_nothing(base, tmp_path, gap):
     root = tmp_path / "sigterm"
@@ -262,6 +261,7 @@ def test_a_run_killed_in_its_first_checkpoint_write_is_found_and_its_temp_file_r
     assert len(list(live.iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_folder_resumes_through_the_cli(base, tmp_path):
     """FSDP2 with ``save_distributed_checkpoint: true`` writes Lightning's sharded folder (one file
     per rank): ``--ckpt_path last`` finds it, checks it (its ``meta.pt``) and the 2-process run

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from melora_lit.cli import cli_main
 from melora_lit.training.module import MELoRAModule
 
-from support import FILLER, csv_classification_data, run_cli, sentiment_rows, write_csv, write_run_config
+from support import FILLER, csv_classification_data, run_main, sentiment_rows, write_csv, write_run_config
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
@@ -41,6 +41,7 @@ def _run_dir(tmp_path: Path, version: int = 0) -> Path:
     return tmp_path / "lightning_logs" / f"version_{version}"
 
 
+@pytest.mark.slow
 def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, saved_bert):
     cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=6)
     cli = cli_main(["fit", "--config", str(cfg)])
@@ -87,6 +88,7 @@ def test_classification_fit_checkpoint_and_predict_label_names(tmp_path, saved_b
     assert all(abs(float(w["score"]) - p) < 1e-4 for w, p in zip(written, probs))
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(tmp_path, saved_bert, monkeypatch):
     cfg = _config(tmp_path, saved_bert, _csv_data(tmp_path), max_epochs=1)
     first = cli_main(["fit", "--config", str(cfg)])
@@ -128,6 +130,7 @@ def _write_stsb(root: Path, n_train: int, n_dev: int) -> None:
         (root / "STS-B" / name).write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_regression_run_stsb(tmp_path, saved_bert):
     _write_stsb(tmp_path / "glue", 192, 64)
     data = {"class_path": "melora_lit.data.GLUEDataModule",
@@ -140,6 +143,7 @@ def test_regression_run_stsb(tmp_path, saved_bert):
     assert metrics["val/pearson"] > 0.8, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="real GLUE files not found at ../shared/data/glue")
 def test_real_rte_files_train_and_validate(tmp_path, saved_bert):
     data = {"class_path": "melora_lit.data.GLUEDataModule",
@@ -171,6 +175,7 @@ def test_real_rte_files_train_and_validate(tmp_path, saved_bert):
     assert torch.isfinite(metrics["val/loss"])
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, saved_bert):
     import lightning as L
     from melora_lit.data import TextClassificationDataModule
@@ -190,8 +195,9 @@ def test_checkpoint_from_another_adapter_shape_is_refused_in_one_line(tmp_path, 
     assert last.read_bytes() == before  # the checkpoint is untouched
 
 
+@pytest.mark.slow
 def test_missing_model_path_is_one_line_exit_2(tmp_path):
-    proc = run_cli("fit", "--model.model_name_or_path", str(tmp_path / "nope"), "--trainer.max_epochs", "1")
+    proc = run_main("fit", "--model.model_name_or_path", str(tmp_path / "nope"), "--trainer.max_epochs", "1")
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -206,6 +212,7 @@ def test_quickstart_config_is_the_default(capsys):
     assert "tokenizer" not in printed["data"]["init_args"]  # linked from model.model_name_or_path
 
 
+@pytest.mark.slow
 def test_export_of_a_classifier_checkpoint_merged_and_peft(tmp_path, saved_bert):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -261,16 +268,17 @@ def _reference_lrs(schedule: str, base_lr: float, warmup: int, total: int) -> li
     return lrs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule, optimizer", [("cosine", "SGD"), ("constant", None), ("linear", None)])
 def test_optimizer_and_named_schedule_from_the_cli(tmp_path, dropout_bert, schedule, optimizer):
-    from support import run_cli, write_config
+    from support import run_main, write_config
 
     train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=2))
     # 48 train rows / 8 = 6 steps per epoch, 2 epochs; head lr apart from the adapter's
     cfg = write_config(tmp_path / "config.yaml", dropout_bert, train, tmp_path,
                        model_args={"learning_rate": 1e-2, "head_learning_rate": 3e-2, "warmup_steps": 3})
     extra = ["--optimizer", optimizer, "--optimizer.momentum", "0.9"] if optimizer else []
-    proc = run_cli("fit", "--config", str(cfg), "--model.lr_schedule", schedule, *extra)
+    proc = run_main("fit", "--config", str(cfg), "--model.lr_schedule", schedule, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = _run_dir(tmp_path)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -292,14 +300,15 @@ def test_optimizer_and_named_schedule_from_the_cli(tmp_path, dropout_bert, sched
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 12
 
 
+@pytest.mark.slow
 def test_optimizer_lr_is_refused_in_one_line_and_touches_no_run(tmp_path, dropout_bert):
     import hashlib
 
-    from support import run_cli, write_config
+    from support import run_main, write_config
 
     train = write_csv(tmp_path / "train.csv", sentiment_rows(32, seed=2))  # 24 train rows: 3 steps
     cfg = write_config(tmp_path / "config.yaml", dropout_bert, train, tmp_path, trainer={"max_epochs": 1})
-    assert run_cli("fit", "--config", str(cfg), "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
+    assert run_main("fit", "--config", str(cfg), "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1",
                    "--lr_scheduler.gamma", "0.5").returncode == 0
     ckpt = torch.load(_run_dir(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # a torch scheduler given as --lr_scheduler, stepped every optimizer step: 3 steps, halving
@@ -310,7 +319,7 @@ def test_optimizer_lr_is_refused_in_one_line_and_touches_no_run(tmp_path, dropou
         return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
 
     before = tree()
-    proc = run_cli("fit", "--config", str(cfg), "--optimizer", "SGD", "--optimizer.lr", "0.1")
+    proc = run_main("fit", "--config", str(cfg), "--optimizer", "SGD", "--optimizer.lr", "0.1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [proc.stderr.splitlines()[-1]], proc.stderr  # one line, the last
@@ -318,6 +327,7 @@ def test_optimizer_lr_is_refused_in_one_line_and_touches_no_run(tmp_path, dropou
     assert tree() == before
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_adapter(dropout_bert):
     """``compile=True``: torch.compile of the backbone keeps the checkpoint keys and gives the
     eager model's loss and adapter gradients (float tolerance: the fused graph reorders sums)."""
