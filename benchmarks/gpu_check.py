@@ -280,7 +280,7 @@ def part_strategies(check: Check, budget: float) -> None:
 
 def part_layer(check: Check, budget: float, device: str, compile_backend: str) -> None:
     smoke = check.smoke
-    d, tokens = (256, 512) if smoke else (4096, 8192)
+    d, tokens = (256, 256) if smoke else (4096, 8192)
     dtype = torch.float32 if smoke else torch.bfloat16
     torch.manual_seed(0)
     base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)

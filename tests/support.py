@@ -204,6 +204,14 @@ def run_main(*args: str, cwd: str | os.PathLike | None = None, env: dict[str, st
 
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     status = 0
+    # what Lightning and the libraries log (rank_zero_info ...) reaches a process's stderr through
+    # handlers made at import time: here it is copied into the captured stderr
+    import logging
+
+    handler = logging.StreamHandler(err)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "melora_lit")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         os.environ.update(OFFLINE_ENV, **(env or {}))
         if cwd is not None:
@@ -219,6 +227,8 @@ def run_main(*args: str, cwd: str | os.PathLike | None = None, env: dict[str, st
                 traceback.print_exc(file=sys.stderr)
                 status = 1
     finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)

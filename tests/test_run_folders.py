@@ -182,7 +182,8 @@ def _allocate_many(root: str, count: int, queue) -> None:
 
 @pytest.mark.slow
 def test_version_folders_are_allocated_atomically_across_processes(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
+    # forked: six processes racing for the same folders, without six interpreters importing torch
+    ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_allocate_many, args=(str(tmp_path), 10, queue)) for _ in range(6)]
     for p in procs:
