@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -282,3 +283,65 @@ def test_a_sharded_checkpoint_folder_resumes_through_the_cli(base, tmp_path):
     assert "melora-lit: after 6 steps" in again.stderr
     assert _load(last / "meta.pt")["global_step"] == 6
     assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
+
+
+# ------------------------------------------------------------- what a checkpoint may decide (issue 22, rule 3)
+def _forged(base: dict, name: str, **hparams) -> Path:
+    """The base run's last checkpoint with ``hparams`` written into its saved settings."""
+    ckpt = _load(base["root"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    ckpt["hyper_parameters"].update(hparams)
+    path = base["work"] / f"{name}.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _remote_code_model(folder: Path, marker: Path) -> Path:
+    """A model folder whose config names its own Python (``auto_map``); importing it writes ``marker``."""
+    from transformers import BertConfig
+
+    folder.mkdir()
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}).save_pretrained(folder)
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["validate", "export"])
+def test_a_checkpoint_cannot_enable_remote_code_or_import_a_package(base, tmp_path, command):
+    """Settings read from a checkpoint never run code: ``trust_remote_code: true`` with a model
+    folder that has an ``auto_map``, and a ``package:MODULE`` source, are refused in one line
+    unless the user's own command line or config asks for them; nothing is written or run."""
+    marker = tmp_path / "code-ran"
+    evil = _remote_code_model(tmp_path / "evil-model", marker)
+    remote = _forged(base, f"remote-{command}", trust_remote_code=True, model_name_or_path=str(evil))
+    package = _forged(base, f"package-{command}", model_name_or_path="package:this_module_must_not_be_imported")
+    before = tree_hashes(base["work"])
+    for ckpt, words in ((remote, "sets trust_remote_code: true"), (package, "imports the Python package")):
+        if command == "export":
+            proc = run_main("export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "out"))
+        else:
+            proc = run_main("validate", "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path / "runs"))
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert words in _error(proc) and str(ckpt) in _error(proc)
+    assert not marker.exists() and "this_module_must_not_be_imported" not in sys.modules
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    assert tree_hashes(base["work"]) == before
+
+
+def test_settings_typed_with_an_explicit_checkpoint_apply_or_are_refused(base):
+    """``--ckpt_path FILE`` with settings on the command line: LightningCLI would replace them with
+    the checkpoint's. A setting the checkpoint's adapter does not fit (``melora.n``) is refused
+    in one line, writing nothing, as with ``--ckpt_path last``; one that may change on resume (the
+    learning rate) applies."""
+    root = _copy(base, "explicit-ckpt")
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = tree_hashes(root)
+    refused = _fit(base, root, "--ckpt_path", str(last), "--model.melora.n", "4", "--trainer.max_epochs", "2")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "it was trained with melora.n=2, this run sets melora.n=4" in _error(refused)
+    assert tree_hashes(root) == before
+    applied = _fit(base, root, "--ckpt_path", str(last), "--model.learning_rate", "0.05", "--trainer.max_epochs", "2")
+    assert applied.returncode == 0, applied.stderr[-3000:]
+    resumed = _load(root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
+    assert resumed["hyper_parameters"]["learning_rate"] == 0.05 and resumed["global_step"] == 12

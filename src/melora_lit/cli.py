@@ -6,6 +6,7 @@ Without ``--config`` the packaged quickstart config (MiniLM on BBC News, offline
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -36,6 +37,7 @@ from .training.checkpoints import (
     check_resume,
     preemption,
     read_checkpoint,
+    refuse_code_settings,
     use_atomic_checkpoint_io,
 )
 from .training.run_folders import LAST, LAST_OR_NEW, allocate_version, find_last, remove_failed_run, version_of
@@ -85,11 +87,30 @@ class MELoRACLI(LightningCLI):
     # ------------------------------------------------------------------ run folder and resume
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads a --ckpt_path file's hyper-parameters next: a truncated, foreign or
-        # unsafe file gets a one-line error naming it, not a traceback
-        path = (self._subconfig() or {}).get("ckpt_path")
+        # LightningCLI reads a --ckpt_path file's hyper-parameters next and lets them replace the
+        # model settings: keep what the user typed, to put it back (before_instantiate_classes)
+        cfg = self._subconfig() or {}
+        self._typed_model = copy.deepcopy(cfg.get("model"))
+        self._typed_keys = typed_model_keys(list(args or []), self.config.get("subcommand"))
+        # a truncated, foreign or unsafe file gets a one-line error naming it, not a traceback
+        path = cfg.get("ckpt_path")
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
             self._read_checkpoint(path)
+
+    def _keep_typed_model_settings(self) -> None:
+        """The command line and config win over a ``--ckpt_path`` file's hyper-parameters, which
+        LightningCLI merged over them: every model setting the user typed is put back (a resume
+        that it does not fit is then refused by :func:`check_resume`, a load by the shape check);
+        the checkpoint fills in only what the user left at its default. A checkpoint's setting
+        that would run or import code is refused (:func:`refuse_code_settings`)."""
+        cfg = self._subconfig()
+        typed, merged = getattr(self, "_typed_model", None), cfg.get("model") if cfg is not None else None
+        if typed is None or merged is None or typed == merged:
+            return
+        for key in set(typed.keys()) | set(merged.keys()):
+            if typed.get(key) != merged.get(key) and _is_typed(key, self._typed_keys):
+                merged[key] = copy.deepcopy(typed.get(key))
+        refuse_code_settings(cfg.get("ckpt_path"), merged, typed)
 
     def _read_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """:func:`read_checkpoint`, once per file and run (the CLI checks it at several stages)."""
@@ -105,6 +126,7 @@ class MELoRACLI(LightningCLI):
         """Choose the run folder before anything is built or written: the newest run's for
         ``--ckpt_path last``/``auto`` (fit), else a new ``version_N`` made atomically; the
         loggers are given its ``version``."""
+        self._keep_typed_model_settings()
         self._logger_version: int | str | None = None
         self._restore: list[tuple[Any, str, Any]] = []
         cfg = self._subconfig()
@@ -254,6 +276,47 @@ def _check_monitor(monitor: str | None, model: Any, datamodule: Any) -> None:
     if monitor not in logged:
         raise ValueError(f"checkpoint.monitor={monitor!r} is never logged by this run (task {task}); use one of "
                          f"{', '.join(logged)}")
+
+
+def typed_model_keys(args: list[str], subcommand: str | None) -> set[str]:
+    """The model settings the user typed: ``--model.KEY`` arguments and the ``model`` keys of their
+    own ``--config`` files (dotted, e.g. ``melora.n``; "" for all, after ``--model VALUE``). The
+    packaged quickstart config that :func:`_with_default_config` adds is a default, not typed."""
+    import yaml
+
+    keys: set[str] = set()
+    for i, arg in enumerate(args):
+        if arg.startswith("--model."):
+            keys.add(arg[len("--model."):].split("=", 1)[0])
+        elif arg == "--model" or arg.startswith("--model="):
+            keys.add("")
+        elif arg in ("--config", "-c") or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+            if path is None or path == quickstart_config():
+                continue
+            try:
+                data = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                continue  # the parser has refused or will refuse it
+            if isinstance(data, dict) and isinstance(data.get(subcommand), dict):
+                data = data[subcommand]
+            model = data.get("model") if isinstance(data, dict) else None
+            keys |= set(_dotted(model)) if isinstance(model, dict) else ({""} if model is not None else set())
+    return keys
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out.append(prefix + str(key))
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+    return out
+
+
+def _is_typed(key: str, typed: set[str]) -> bool:
+    """Whether the setting ``key`` (dotted) is, or lies inside or around, one the user typed."""
+    return "" in typed or any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in typed)
 
 
 def _with_default_config(args: list[str]) -> list[str]:

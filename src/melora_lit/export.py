@@ -48,12 +48,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_or_path: str | None) -> dict[str, Any]:
     from .adapter import MELoRAConfig
+    from .training.checkpoints import refuse_code_settings
     from .training.module import MELoRAModule
 
     hparams = dict(ckpt.get("hyper_parameters") or {})
     if "melora" not in ckpt or "model_name_or_path" not in hparams:
         raise ValueError(f"{ckpt_path} is not a melora-lit checkpoint (no adapter metadata or hyper-parameters)")
     settings: dict[str, Any] = {}
+    typed: dict[str, Any] = {}  # what the user's config and command line say
     if config is not None:
         import yaml
 
@@ -67,11 +69,15 @@ def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_o
         model = (data or {}).get("model") if isinstance(data, dict) else None
         if not isinstance(model, dict):
             raise ValueError(f"{config} has no model section")
-        settings.update(model.get("init_args", model))
-    # The checkpoint's hyper-parameters win, as with validate/predict --ckpt_path.
+        typed.update(model.get("init_args", model))
+        settings.update(typed)
+    # The checkpoint's hyper-parameters win where they decide what the checkpoint holds; settings
+    # that run or import code come from the user only (a checkpoint is data)
     settings.update(hparams)
     if model_name_or_path is not None:
-        settings["model_name_or_path"] = model_name_or_path
+        settings["model_name_or_path"] = typed["model_name_or_path"] = model_name_or_path
+    refuse_code_settings(ckpt_path, settings, typed, trust_option="a --config whose model section sets "
+                         "trust_remote_code: true", source_option="--model_name_or_path")
     known = set(inspect.signature(MELoRAModule.__init__).parameters) - {"self", "generation"}
     settings = {k: v for k, v in settings.items() if k in known}
     if isinstance(settings.get("melora"), dict):

@@ -53,6 +53,7 @@ __all__ = [
     "load_module",
     "read_checkpoint",
     "record_adapter_shapes",
+    "refuse_code_settings",
     "save_adapter_state",
 ]
 
@@ -173,6 +174,26 @@ def check_resume(path: str | os.PathLike, checkpoint: Mapping[str, Any], model_h
     if data_seed is not None and seeds and seeds[0] != data_seed:
         raise ValueError(f"checkpoint {path} was trained with data seed {seeds[0]}, this run's is {data_seed}: pass "
                          f"--data.init_args.seed {seeds[0]} to resume (the data order depends on it)")
+
+
+def refuse_code_settings(path: str | os.PathLike | None, settings: Mapping[str, Any], typed: Mapping[str, Any],
+                         trust_option: str = "--model.trust_remote_code true",
+                         source_option: str = "--model.model_name_or_path") -> None:
+    """A checkpoint is data: refuse (one-line ``ValueError``) ``settings`` taken from checkpoint
+    ``path`` that would run or import code which the user's own command line or config
+    (``typed``) did not ask for: ``trust_remote_code`` (a model folder's Python) and a
+    ``package:MODULE`` source (an import). The options say how the user would set them."""
+    from ..sources import PACKAGE_PREFIX
+
+    if settings.get("trust_remote_code") and not typed.get("trust_remote_code"):
+        raise ValueError(f"checkpoint {path} sets trust_remote_code: true, which only your command line or config "
+                         f"may set (a checkpoint is data); pass {trust_option} if you trust the code "
+                         f"of {settings.get('model_name_or_path')!r}")
+    source = settings.get("model_name_or_path")
+    if isinstance(source, str) and source.startswith(PACKAGE_PREFIX) and typed.get("model_name_or_path") != source:
+        raise ValueError(f"checkpoint {path} names the backbone {source!r}, which imports the Python package "
+                         f"{source[len(PACKAGE_PREFIX):]!r}; only your command line or config may (a checkpoint is "
+                         f"data): pass {source_option} {source} if you mean it")
 
 
 # ----------------------------------------------------------------------------- reading
