@@ -329,19 +329,24 @@ def test_a_checkpoint_cannot_enable_remote_code_or_import_a_package(base, tmp_pa
     assert tree_hashes(base["work"]) == before
 
 
-def test_settings_typed_with_an_explicit_checkpoint_apply_or_are_refused(base):
-    """``--ckpt_path FILE`` with settings on the command line: LightningCLI would replace them with
-    the checkpoint's. A setting the checkpoint's adapter does not fit (``melora.n``) is refused
-    in one line, writing nothing, as with ``--ckpt_path last``; one that may change on resume (the
-    learning rate) applies."""
-    root = _copy(base, "explicit-ckpt")
+@pytest.mark.parametrize("ckpt_path", ["file", "last"])
+def test_settings_typed_for_a_resume_are_never_replaced_by_the_checkpoints(base, ckpt_path):
+    """``--ckpt_path FILE`` with settings on the command line: LightningCLI replaces them with the
+    checkpoint's, and a resume restores the optimizer's learning rate over the typed one. Each is
+    refused in one line, writing nothing, as with ``--ckpt_path last``: a setting the adapter
+    does not fit (``melora.n``) and one the restored optimizer would drop (the learning rate).
+    A setting that does apply on resume (the number of epochs) trains on."""
+    root = _copy(base, f"typed-{ckpt_path}")
     last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    resume = ["--ckpt_path", str(last) if ckpt_path == "file" else "last", "--trainer.max_epochs", "2"]
     before = tree_hashes(root)
-    refused = _fit(base, root, "--ckpt_path", str(last), "--model.melora.n", "4", "--trainer.max_epochs", "2")
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "it was trained with melora.n=2, this run sets melora.n=4" in _error(refused)
-    assert tree_hashes(root) == before
-    applied = _fit(base, root, "--ckpt_path", str(last), "--model.learning_rate", "0.05", "--trainer.max_epochs", "2")
+    for typed, words in ((["--model.melora.n", "4"], "it was trained with melora.n=2, this run sets melora.n=4"),
+                         (["--model.learning_rate", "0.05"],
+                          "was trained with learning_rate=0.01, this run sets learning_rate=0.05")):
+        refused = _fit(base, root, *resume, *typed)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert words in _error(refused)
+        assert tree_hashes(root) == before
+    applied = _fit(base, root, *resume)
     assert applied.returncode == 0, applied.stderr[-3000:]
-    resumed = _load(root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")
-    assert resumed["hyper_parameters"]["learning_rate"] == 0.05 and resumed["global_step"] == 12
+    assert "melora-lit: after 12 steps" in applied.stderr

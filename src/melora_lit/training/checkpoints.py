@@ -142,8 +142,11 @@ def check_state_shapes(state: Mapping[str, torch.Tensor], expected: Mapping[str,
     raise ValueError(f"checkpoint does not fit this model: {what}")
 
 
-# what decides the checkpoint's keys, shapes and meaning (a learning rate may change on resume)
+# what decides the checkpoint's keys, shapes and meaning
 _RESUME_SETTINGS = ("task", "num_labels", "label_names", "melora", "gguf_file")
+# what the checkpoint's optimizer and scheduler state hold, restored over this run's values: a
+# different value typed for a resume would be silently dropped, so it is refused
+_RESTORED_SETTINGS = ("learning_rate", "head_learning_rate", "weight_decay", "adam_betas", "adam_eps")
 
 
 def _differences(saved: Any, current: Any, name: str) -> list[str]:
@@ -169,6 +172,12 @@ def check_resume(path: str | os.PathLike, checkpoint: Mapping[str, Any], model_h
     if diffs:
         raise ValueError(f"checkpoint {path} does not fit this run: it was trained with {diffs[0]}; resume with "
                          f"the run's own settings (its config.yaml), or start a new run without --ckpt_path")
+    restored = [d for k in _RESTORED_SETTINGS if k in saved
+                for d in _differences(saved.get(k), current.get(k), k)]
+    if restored:
+        raise ValueError(f"checkpoint {path} was trained with {restored[0]}: a resume continues the checkpoint's "
+                         f"optimizer and schedule, which hold its value; resume with the run's own settings (its "
+                         f"config.yaml), or start a new run without --ckpt_path to train with another")
     loaders = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict") or {}).get("combined_loader")
     seeds = [s["sampler"]["seed"] for s in loaders or [] if isinstance(s, dict) and "seed" in (s.get("sampler") or {})]
     if data_seed is not None and seeds and seeds[0] != data_seed:
