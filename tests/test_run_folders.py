@@ -350,3 +350,39 @@ def test_settings_typed_for_a_resume_are_never_replaced_by_the_checkpoints(base,
     applied = _fit(base, root, *resume)
     assert applied.returncode == 0, applied.stderr[-3000:]
     assert "melora-lit: after 12 steps" in applied.stderr
+
+
+# ------------------------------------------------------------- outputs (issue 22, rule 4)
+@pytest.mark.slow
+def test_outputs_are_never_replaced_without_overwrite_and_follow_their_extension(base, tmp_path):
+    """``predict``'s file and ``report``'s folder, like ``export``'s: an existing output is refused
+    in one line before any work, byte-identical afterwards, and replaced with the command's
+    ``--overwrite``; a prediction file's format follows its extension or is refused."""
+    last = base["root"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    preds = tmp_path / "preds.csv"
+    preds.write_text("an earlier result\n")
+    predict = ["predict", "--config", str(base["cfg"]), "--ckpt_path", str(last), "--data.init_args.predict_file",
+               str(base["train"]), "--trainer.default_root_dir", str(tmp_path / "runs")]
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "report.md").write_text("an earlier report\n")
+    before = tree_hashes(tmp_path)
+    refused = {
+        "exists": run_main(*predict, "--prediction_writer.output_file", str(preds)),
+        "extension": run_main(*predict, "--prediction_writer.output_file", str(tmp_path / "preds.txt")),
+        "report": run_main("report", str(base["root"]), "--output", str(report_dir)),
+    }
+    words = {"exists": f"{preds} exists; pass --prediction_writer.overwrite true to replace it",
+             "extension": "has the extension '.txt'; the format follows the extension: use one of .csv, .jsonl",
+             "report": "already holds report.md; pass --overwrite to replace the report"}
+    for case, proc in refused.items():
+        assert proc.returncode == 2, (case, proc.stderr[-3000:])
+        assert words[case] in _error(proc), case
+    assert tree_hashes(tmp_path) == before  # no run folder, no prediction, no report
+    replaced = run_main(*predict, "--prediction_writer.output_file", str(preds), "--prediction_writer.overwrite", "true")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert preds.read_text().startswith("review,sentiment,prediction") and len(preds.read_text().splitlines()) == 65
+    again = run_main("report", str(base["root"]), "--output", str(report_dir), "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in report_dir.iterdir()) == ["report.csv", "report.md", "report.png"]
+    assert (report_dir / "report.md").read_text() != "an earlier report\n"

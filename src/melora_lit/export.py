@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ModelSourceError, OneLineArgumentParser, check_writable, first_line
+from .errors import ModelSourceError, OneLineArgumentParser, first_line
+from .outputs import check_output
 
 FORMATS = ("merged", "adapter", "peft")
 
@@ -123,11 +124,7 @@ def export_checkpoint(
     if format not in (*FORMATS, "all"):
         raise ValueError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}, all")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {output_dir} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output_dir {output_dir} is not empty; pass --overwrite to write into it")
-    check_writable(out, "output_dir")  # before the model is loaded
+    check_output(out, "output_dir", overwrite, folder=True)  # before the model is loaded
     formats = list(FORMATS) if format == "all" else [format]
     targets = {f: (out / f if format == "all" else out) for f in formats}
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OneLineArgumentParser, first_line
+from .outputs import check_output, remove_stale, staged
 
 __all__ = ["RunSummary", "find_runs", "read_run", "build_report", "report_main"]
 
@@ -354,7 +355,7 @@ def _markdown(runs: list[RunSummary], groups: dict[tuple, list[RunSummary]], roo
     return "\n".join(lines) + "\n"
 
 
-def _plot(groups: dict[tuple, list[RunSummary]], path: Path) -> None:
+def _plot(groups: dict[tuple, list[RunSummary]], path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -400,14 +401,22 @@ def _plot(groups: dict[tuple, list[RunSummary]], path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str, Path]:
+def build_report(run_dirs: Sequence[str | Path], output: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Read the runs at or under ``run_dirs`` and write ``report.md``, ``report.csv`` and
     ``report.png`` into ``output``; returns ``{"markdown": …, "csv": …, "plot": …}``.
 
-    Raises ``ValueError`` (one line) when a folder does not exist or holds no training run.
+    Raises ``ValueError`` (one line) when a folder does not exist or holds no training run, or
+    when ``output`` holds a report and ``overwrite`` is off (before anything is read).
     """
     if not run_dirs:
         raise ValueError("report: give at least one run folder")
+    out = Path(output)
+    names = ("report.md", "report.csv", "report.png")
+    check_output(out, "report --output", True, folder=True)
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"report --output {output} already holds {', '.join(existing)}; pass --overwrite to "
+                         f"replace the report")
     found = find_runs(run_dirs)
     runs: list[RunSummary] = []
     skipped: list[str] = []
@@ -425,20 +434,21 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path) -> dict[str
         raise ValueError(f"no training runs in {', '.join(map(str, run_dirs))}: "
                          f"{len(found)} folder(s) with event files but none with a train/ scalar")
     runs.sort(key=_sort_key)
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {output} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
     root = _common_root(runs)
     groups = _groups(runs)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png"}
-    paths["markdown"].write_text(_markdown(runs, groups, root, [_short(s, root) for s in skipped]))
-    with open(paths["csv"], "w", newline="") as f:
+    # each file whole or absent: written beside, renamed into place (the plot first, the slowest)
+    with staged(paths["plot"], "wb") as f:
+        _plot(groups, f)
+    with staged(paths["csv"], "w", newline="") as f:
         rows = [{**asdict(r), "notes": "; ".join(r.notes)} for r in runs]
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    _plot(groups, paths["plot"])
+    with staged(paths["markdown"]) as f:
+        f.write(_markdown(runs, groups, root, [_short(s, root) for s in skipped]))
     for kind, path in paths.items():
         print(f"melora-lit: wrote {kind} report to {path}")
     return paths
@@ -455,13 +465,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="a run's version folder, or a folder searched recursively for version folders")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for report.md, report.csv, report.png")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the --output folder")
     return p
 
 
 def report_main(args: Sequence[str]) -> dict[str, Path]:
     """``melora-lit report ...`` (args after ``report``)."""
     opts = _parser().parse_args(list(args))
-    return build_report(opts.run_dirs, opts.output)
+    return build_report(opts.run_dirs, opts.output, opts.overwrite)
 
 
 if __name__ == "__main__":  # python -m melora_lit.report ...: as melora-lit report ...

@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
-from ..errors import check_writable
+from ..outputs import check_output, remove_stale, staged
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -26,19 +26,24 @@ class PredictionWriter(BasePredictionWriter):
         submission_dir: where a GLUE test split's leaderboard files go (``RTE.tsv``, ...; see
             :mod:`melora_lit.data.glue_submission`); default ``glue_submission/`` beside the
             predictions file.
+        overwrite: replace an existing ``output_file`` (refused before any prediction otherwise).
     """
 
-    def __init__(self, output_file: str | None = None, submission_dir: str | None = None) -> None:
+    def __init__(self, output_file: str | None = None, submission_dir: str | None = None,
+                 overwrite: bool = False) -> None:
         super().__init__(write_interval="epoch")
         self.output_file = output_file
         self.submission_dir = submission_dir
+        self.overwrite = overwrite
         self.written: Path | None = None
         self.submission: list[Path] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "predict" and self.output_file:  # refused before the predictions are made
-            check_writable(self.output_file, "prediction_writer.output_file", is_file=True)
+            check_output(self.output_file, "prediction_writer.output_file", self.overwrite,
+                         suffixes=(".csv", ".jsonl"), overwrite_option="--prediction_writer.overwrite true")
+            remove_stale(Path(self.output_file).expanduser().parent)
 
     def write_on_epoch_end(
         self,
@@ -64,10 +69,8 @@ class PredictionWriter(BasePredictionWriter):
         path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / default
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         ordered = [rows[i] for i in sorted(rows)]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with staged(path, "w", newline="") as f:  # never a half-written predictions file
             if path.suffix == ".jsonl":
                 for row in ordered:
                     f.write(json.dumps(row) + "\n")
@@ -76,7 +79,6 @@ class PredictionWriter(BasePredictionWriter):
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(ordered)
-        tmp.replace(path)  # never leave a half-written predictions file behind
         self.written = path
         print(f"melora-lit: wrote {len(ordered)} predictions to {path}")
         if ordered and SUBMISSION_COLUMN in ordered[0]:
