@@ -13,7 +13,7 @@ import lightning as L
 class SignalAt(L.Callback):
     """Send ``signame`` to this process at ``moment`` of optimizer step ``step``:
     ``train_batch_end`` (right after the step) or ``validation`` (after the first validation
-    batch that follows the step)."""
+    batch that follows the step); or ``predict``: after predict batch number ``step`` (from 0)."""
 
     def __init__(self, signame: str, moment: str, step: int) -> None:
         self.signum, self.moment, self.step = getattr(signal, signame), moment, step
@@ -30,3 +30,8 @@ class SignalAt(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:
             self._send(trainer, "validation")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self.sent and self.moment == "predict" and batch_idx == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

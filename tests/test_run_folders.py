@@ -386,3 +386,33 @@ def test_outputs_are_never_replaced_without_overwrite_and_follow_their_extension
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in report_dir.iterdir()) == ["report.csv", "report.md", "report.png"]
     assert (report_dir / "report.md").read_text() != "an earlier report\n"
+
+
+# ------------------------------------------------------------- signals outside fit (issue 22, rule 5)
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 3), ("SIGUSR1", 3), ("SIGINT", 130)])
+def test_predict_stops_on_a_signal_and_writes_nothing(base, tmp_path, signame, status):
+    """A scheduler's SIGTERM/SIGUSR1 or a Ctrl+C during ``predict`` (here after its second batch)
+    stops the real process after that batch: status 3 (130 for SIGINT), no prediction file, no
+    temporary file, no new run folder; the run it read is byte-identical."""
+    import yaml
+
+    last = base["root"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    hook = tmp_path / "signal.yaml"
+    hook.write_text(yaml.safe_dump({"trainer": {"callbacks": [{"class_path": "signal_at.SignalAt", "init_args": {
+        "signame": signame, "moment": "predict", "step": 1}}]}}))
+    preds = tmp_path / "out" / "preds.csv"
+    before = tree_hashes(base["root"])
+    env = melora_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(melora_cmd("predict", "--config", str(base["cfg"]), "--config", str(hook), "--ckpt_path",
+                                     str(last), "--data.init_args.predict_file", str(base["train"]),
+                                     "--data.init_args.batch_size", "4", "--prediction_writer.output_file", str(preds),
+                                     "--trainer.default_root_dir", str(tmp_path / "runs")),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if signame != "SIGINT":
+        assert f"received {signame}: predict stopped after batch 2, nothing written" in proc.stderr
+    assert not preds.exists() and not (preds.parent.exists() and any(preds.parent.iterdir()))
+    assert not (tmp_path / "runs" / "lightning_logs").exists() or not any((tmp_path / "runs" / "lightning_logs").iterdir())
+    assert tree_hashes(base["root"]) == before

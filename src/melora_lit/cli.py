@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from . import __version__
 from .adapter import cpu_kernels
-from .errors import EXIT_USAGE, check_config_files, error_exit, parser_message
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, check_config_files, error_exit, parser_message
 from .training.prediction import PredictionWriter
 from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
@@ -32,8 +32,8 @@ from .training.module import MELoRAModule
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
 from .sources import gguf_source
 from .training.checkpoints import (
-    EXIT_PREEMPTED,
     ResumableCheckpoint,
+    StopOnSignal,
     check_resume,
     preemption,
     read_checkpoint,
@@ -387,7 +387,8 @@ def _run_cli(args: list[str], run: bool) -> MELoRACLI:
         parser_kwargs={"epilog": _EXPORT_HELP},
         # always on, not configurable: RNG states and the loader position, back on resume
         # and a learning rate found by LearningRateFinder is the one the run trains with
-        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate()]},
+        # and validate/test/predict stop on SIGTERM/SIGUSR1 (exit 3) and SIGINT (exit 130)
+        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate(), StopOnSignal()]},
         args=args,
         run=run,
     )
@@ -405,9 +406,14 @@ def main(args: list[str] | None = None) -> None:
         check_config_files(args)
         cli_main(args)
     except SIGTERMException:
-        # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md)
+        # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md);
+        # validate/test/predict stopped with nothing written (StopOnSignal)
         preemption.exiting()
         sys.exit(EXIT_PREEMPTED)
+    except SystemExit as stop:
+        if preemption.interrupted and stop.code == 1:  # Lightning's exit after a KeyboardInterrupt
+            sys.exit(EXIT_INTERRUPTED)
+        raise
     except (ValueError, OSError, MisconfigurationException) as err:
         if os.environ.get("MELORA_LIT_DEBUG"):
             raise

@@ -23,7 +23,8 @@ import types
 from pathlib import Path
 
 __all__ = [
-    "EXIT_ENVIRONMENT", "EXIT_USAGE", "ModelSourceError", "OneLineArgumentParser", "check_config_files",
+    "EXIT_ENVIRONMENT", "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "EXIT_USAGE", "ModelSourceError",
+    "OneLineArgumentParser", "check_config_files",
     "check_writable", "data_file_error", "describe", "error_exit", "first_line", "hub_offline",
     "offline_hint", "parser_message", "root_cause",
 ]
@@ -34,6 +35,12 @@ EXIT_ENVIRONMENT = 74
 """Exit status of a fault of the machine, not of the input: the disk is full, a size or quota limit
 is reached, an I/O error (``EX_IOERR`` of sysexits.h). Earlier checkpoints are kept; rerunning with
 ``--ckpt_path last`` after freeing space resumes."""
+EXIT_PREEMPTED = 3
+"""Exit status of a command stopped by SIGTERM/SIGUSR1: ``fit`` after saving its ``last``
+checkpoint, the other commands with nothing written; not 0, so that a scheduler does not take
+the unfinished command for a finished one."""
+EXIT_INTERRUPTED = 130
+"""Exit status after a SIGINT (Ctrl+C): 128 + 2, as shells report a command ended by it."""
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 _WRITE_ERRNOS = {errno.EPERM, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
                  *_ENVIRONMENT_ERRNOS}

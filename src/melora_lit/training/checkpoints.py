@@ -41,12 +41,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .. import __version__
+from ..errors import EXIT_PREEMPTED  # (re-exported: its home is errors)
 from . import lightning_private
 
 __all__ = [
     "EXIT_PREEMPTED",
     "AtomicCheckpointIO",
     "ResumableCheckpoint",
+    "StopOnSignal",
     "check_resume",
     "check_state_shapes",
     "load_adapter_state",
@@ -57,9 +59,6 @@ __all__ = [
     "save_adapter_state",
 ]
 
-#: Exit status of a run stopped by SIGTERM/SIGUSR1 after saving its ``last`` checkpoint: not 0,
-#: so that a job scheduler does not take the unfinished run for a finished one.
-EXIT_PREEMPTED = 3
 #: Prefix of a checkpoint being written (no "last" in it: Lightning's own "last" search must not
 #: see it); then host and process id, so that a stale one can be told from one being written.
 TMP_PREFIX = ".ckpt-tmp-"
@@ -484,7 +483,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         # a signal during validation or at an epoch end stops the run outside on_train_batch_end
-        if isinstance(exception, SIGTERMException) and not trainer.sanity_checking:
+        # (only fit saves: validate/test/predict stop with nothing written, StopOnSignal)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if isinstance(exception, SIGTERMException) and fitting and not trainer.sanity_checking:
             self._save_preempted(trainer)
 
     def _save_preempted(self, trainer: L.Trainer) -> None:
@@ -503,6 +504,53 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class StopOnSignal(L.Callback):
+    """``validate``, ``test`` and ``predict`` stop on SIGTERM and SIGUSR1 too (Lightning's loops
+    stop only ``fit``, where :class:`ResumableCheckpoint` saves first): after the current batch,
+    with nothing written (``PredictionWriter`` writes at the end, staged), and the command exits
+    :data:`EXIT_PREEMPTED`. A SIGINT (Ctrl+C), which Lightning ends as status 1, is recorded so
+    that the command exits 130, as shells expect."""
+
+    def __init__(self) -> None:
+        self._signal: str | None = None
+        self._previous_usr1: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._signal = None
+        if stage != "fit" and hasattr(signal, "SIGUSR1") and _in_main_thread():
+            self._previous_usr1 = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "_signal", "SIGUSR1"))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_usr1 is not None and _in_main_thread():
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN if self._signal else self._previous_usr1)
+            self._previous_usr1 = None
+
+    def _check(self, trainer: L.Trainer, batch_idx: int) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return  # fit's validation: ResumableCheckpoint's
+        name = self._signal or ("SIGTERM" if trainer.received_sigterm else None)
+        if trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+            preemption.stopping()
+            if trainer.is_global_zero:
+                print(f"melora-lit: received {name or 'a stop signal'}: {trainer.state.fn.value} stopped after batch "
+                      f"{batch_idx + 1}, nothing written (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            raise SIGTERMException
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer, batch_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer, batch_idx)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check(trainer, batch_idx)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            preemption.interrupted = True
+
+
 class _Preemption:
     """The process-wide SIGTERM policy of ``melora-lit``: before a run stops for a signal, SIGTERM
     ends the process as usual; once it is stopping (saving ``last.ckpt``, shutting down), more
@@ -511,6 +559,7 @@ class _Preemption:
 
     def __init__(self) -> None:
         self.is_stopping = False
+        self.interrupted = False  # a SIGINT (KeyboardInterrupt) ended the run: exit 130
 
     def install(self) -> None:
         if _in_main_thread():
