@@ -416,3 +416,16 @@ def test_predict_stops_on_a_signal_and_writes_nothing(base, tmp_path, signame, s
     assert not preds.exists() and not (preds.parent.exists() and any(preds.parent.iterdir()))
     assert not (tmp_path / "runs" / "lightning_logs").exists() or not any((tmp_path / "runs" / "lightning_logs").iterdir())
     assert tree_hashes(base["root"]) == before
+
+
+# ------------------------------------------------------------- validate, then write (issue 22, rule 2)
+def test_a_resume_refused_for_its_data_writes_nothing(base):
+    """A resume whose epochs would have another number of batches (here a larger batch size) is
+    refused in one line before the run's config.yaml is rewritten or an event file is added to
+    the resumed folder (before: refused at the first step, after both were written)."""
+    root = _copy(base, "other-batch-size")
+    before = tree_hashes(root)
+    proc = _fit(base, root, "--ckpt_path", "last", "--trainer.max_epochs", "2", "--data.init_args.batch_size", "16")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "epoch of 6 batches per process" in _error(proc) and "this run's epochs have 3" in _error(proc)
+    assert tree_hashes(root) == before

@@ -42,7 +42,7 @@ from .training.checkpoints import (
 )
 from .training.run_folders import LAST, LAST_OR_NEW, allocate_version, find_last, remove_failed_run, version_of
 from .training.guards import NonFiniteGuard
-from .training.resume import ExactResume, check_resume_checkpoint
+from .training.resume import ExactResume, check_resume_checkpoint, check_resume_data
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -210,6 +210,11 @@ class MELoRACLI(LightningCLI):
             ckpt = self._read_checkpoint(path)
             check_resume(path, ckpt, self.model.hparams, getattr(self.datamodule, "seed", None))
             check_resume_checkpoint(ckpt, self.trainer.world_size)  # mid-epoch: the same number of processes
+            from .data.base import MELoRADataModule
+
+            if isinstance(self.datamodule, MELoRADataModule):  # its data, read once, before anything is written
+                self.datamodule.setup("fit")
+                check_resume_data(ckpt, self.datamodule.train_dataloader(), self.trainer.world_size)
         for callback in self.trainer.checkpoint_callbacks:
             _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule)
 

@@ -163,6 +163,15 @@ class MELoRADataModule(L.LightningDataModule, ABC):
         self._load_tokenizer()
 
     def setup(self, stage: str | None = None) -> None:
+        """Lightning's hook: each stage's data is prepared once (:meth:`prepare_stage`), so the CLI
+        can read and check it before anything is written and Lightning's call reuses it."""
+        done = self.__dict__.setdefault("_prepared_stages", set())
+        if (stage or "all") not in done:
+            self.prepare_stage(stage)
+            done.add(stage or "all")
+
+    def prepare_stage(self, stage: str | None = None) -> None:
+        """Read, split and tokenize the data of ``stage`` (all stages for None)."""
         self._load_tokenizer()  # a bad tokenizer fails before any data is read
         if stage in ("fit", None):
             train = self._train_split()

@@ -453,8 +453,8 @@ class ChatDataModule(InstructionDataModule):
                                  f"max_length={self.max_length}; raise max_length")
         return tokenized
 
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
+    def prepare_stage(self, stage: str | None = None) -> None:
+        super().prepare_stage(stage)
         if self.packing:
             if stage in ("fit", None):
                 self.train_dataset = pack_dataset(self.train_dataset, self.max_length, self.seed)

@@ -343,6 +343,20 @@ class ExactResume(Callback):
             _set_rng_state(mine["rng"])  # another number of processes: the new ones keep fresh seeds
 
 
+def check_resume_data(ckpt: dict[str, Any], loader: Any, world_size: int) -> None:
+    """Before a run resumes from ``ckpt`` (as read) with ``world_size`` processes and this run's
+    training ``loader`` (made before any process group exists): refuse it in one line if the
+    epoch order or length would differ (:func:`check_same_data_order`), so that the resumed
+    folder is not written to. :class:`ExactResume` checks again when training starts."""
+    ranks = (ckpt.get("callbacks", {}).get("ExactResume") or {}).get("ranks") or []
+    position = ((ranks[0] or {}).get("train_loader") or {}).get("sampler") if ranks else None
+    if not position or not isinstance(loader, ResumableDataLoader) or not loader.batch_size:
+        return
+    samples = -(-len(loader.sampler.dataset) // world_size)  # DistributedSampler's share, padded
+    batches = samples // loader.batch_size if loader.drop_last else -(-samples // loader.batch_size)
+    check_same_data_order(position, loader.sampler.seed, world_size, None, batches)
+
+
 def check_resume_checkpoint(ckpt: dict[str, Any], world_size: int) -> None:
     """Before a run resumes from the checkpoint ``ckpt`` (as read) with ``world_size`` processes:
     refuse it in one line if it was saved mid-epoch by another number of processes (so that
