@@ -22,7 +22,7 @@ from typing import IO
 
 from .errors import check_writable
 
-__all__ = ["check_output", "remove_stale", "staged"]
+__all__ = ["check_output", "process_alive", "remove_stale", "staged"]
 
 TMP_MARK = ".melora-tmp-"
 
@@ -47,12 +47,13 @@ def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folde
 
 
 @contextmanager
-def staged(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """``open(path, mode)`` for writing, through a temporary sibling renamed over ``path`` once the
-    block ends without an error (``os.replace``: atomic on one filesystem)."""
+def staged(path: str | os.PathLike, mode: str = "w", tmp: Path | None = None, **open_kwargs) -> Iterator[IO]:
+    """``open(path, mode)`` for writing, through a temporary sibling (``tmp``, by default
+    ``.NAME.melora-tmp-PID``) renamed over ``path`` once the block ends without an error
+    (``os.replace``: atomic on one filesystem)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+    tmp = tmp if tmp is not None else final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
@@ -69,15 +70,19 @@ def remove_stale(folder: str | os.PathLike) -> None:
     process is gone."""
     for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
         pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs on this host (this process's own writes, left by an
+    earlier process of the same pid, count as dead: it is only starting)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
-    return pid != os.getpid()
+    return True

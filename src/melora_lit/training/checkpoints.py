@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .. import __version__
 from ..errors import EXIT_PREEMPTED  # (re-exported: its home is errors)
+from ..outputs import process_alive, staged
 from . import lightning_private
 
 __all__ = [
@@ -303,17 +304,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
         final = Path(str(path).removeprefix("file://"))
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with staged(final, "wb", tmp=tmp) as f:
+            torch.save(checkpoint, f)
         try:  # the rename itself is durable once the folder entry is
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
@@ -337,21 +330,9 @@ def remove_stale_temp_files(folder: Path) -> None:
     host = socket.gethostname()
     for tmp in folder.glob(f"{TMP_PREFIX}*"):
         found = re.fullmatch(rf"{re.escape(TMP_PREFIX)}(.+)-(\d+)-[0-9a-f]+", tmp.name)
-        if found and (found.group(1) != host or _alive(int(found.group(2)))):
+        if found and (found.group(1) != host or process_alive(int(found.group(2)))):
             continue
         tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is starting: nothing of its own is being written yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- the callback
