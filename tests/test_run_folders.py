@@ -429,3 +429,51 @@ def test_a_resume_refused_for_its_data_writes_nothing(base):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "epoch of 6 batches per process" in _error(proc) and "this run's epochs have 3" in _error(proc)
     assert tree_hashes(root) == before
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_auto_without_a_run_is_refused_outside_fit(base, tmp_path, command):
+    """``--ckpt_path auto`` starts a new run for ``fit``; ``validate``/``test``/``predict`` with no
+    run to take it from are refused in one line instead of using an untrained model, and create
+    nothing."""
+    root = tmp_path / "empty"
+    root.mkdir()
+    proc = run_main(command, "--config", str(base["cfg"]), "--ckpt_path", "auto", "--trainer.default_root_dir", str(root),
+                    "--data.init_args.validation_file", str(base["train"]), "--data.init_args.predict_file",
+                    str(base["train"]))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{command} needs a trained model, not a new one: give --ckpt_path FILE" in _error(proc)
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 3), ("SIGUSR1", 3), ("SIGINT", 130)])
+def test_report_stops_on_a_signal_and_leaves_no_partial_report(base, tmp_path, signame, status):
+    """A command without a trainer (here ``report``) stops on a signal sent while it writes (the
+    moment chosen exactly: as its plot starts): status 3 (130 for SIGINT), one line, and neither a
+    report file nor a temporary file in the output folder."""
+    out = tmp_path / "report"
+    code = (f"import os, signal, melora_lit.report as report\n"
+            f"plot = report._plot\n"
+            f"def signalled(*args):\n"
+            f"    os.kill(os.getpid(), signal.{signame})\n"
+            f"    return plot(*args)\n"
+            f"report._plot = signalled\n"
+            f"from melora_lit.cli import main\n"
+            f"main(['report', {str(base['root'])!r}, '--output', {str(out)!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=melora_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"received {signame}: report stopped" if status == 3 else "interrupted (SIGINT)") in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_a_misspelled_early_stopping_monitor_is_refused_before_the_first_step(base, tmp_path):
+    """An EarlyStopping monitor the run never logs is refused like the checkpoint's, before any
+    step (before: after the first epoch had trained, and the run folder was then removed with it)."""
+    root = tmp_path / "runs"
+    proc = _fit(base, root, "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acuracy")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "EarlyStopping.monitor='val/acuracy' is never logged by this run" in _error(proc)
+    assert "val/accuracy" in _error(proc) and "melora-lit: after" not in proc.stderr
+    assert not (root / "lightning_logs").exists() or list((root / "lightning_logs").iterdir()) == []

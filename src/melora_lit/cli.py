@@ -147,6 +147,11 @@ class MELoRACLI(LightningCLI):
         if ckpt in (LAST, LAST_OR_NEW):
             found, dead = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
                                     root / "checkpoints")
+            if found is None and ckpt == LAST_OR_NEW and self.subcommand != "fit":
+                where = dirpath or log_root or root
+                raise ValueError(f"--ckpt_path auto: no run under {where} has a last checkpoint (last*.ckpt), and "
+                                 f"{self.subcommand} needs a trained model, not a new one: give --ckpt_path FILE, "
+                                 f"or the run's --trainer.default_root_dir")
             if found is None and ckpt == LAST:
                 where = dirpath or log_root or root
                 why = (f"the newest run {dead} was killed in its first checkpoint write (its temp file is removed)"
@@ -216,7 +221,11 @@ class MELoRACLI(LightningCLI):
                 self.datamodule.setup("fit")
                 check_resume_data(ckpt, self.datamodule.train_dataloader(), self.trainer.world_size)
         for callback in self.trainer.checkpoint_callbacks:
-            _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule)
+            option = "checkpoint.monitor" if isinstance(callback, ResumableCheckpoint) else \
+                f"{type(callback).__name__}.monitor"
+            _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule, option)
+        for callback in self.trainer.early_stopping_callbacks:  # refused now, not after the first epoch
+            _check_monitor(callback.monitor, self.model, self.datamodule, "EarlyStopping.monitor")
 
     def after_fit(self) -> None:
         # fit prints no metrics table (validate does): say where the run ended
@@ -262,7 +271,7 @@ def _log_root(specs: list | None, root: Path) -> Path | None:
     return Path(args.get("save_dir") or root) / (args.get("name") or "")
 
 
-def _check_monitor(monitor: str | None, model: Any, datamodule: Any) -> None:
+def _check_monitor(monitor: str | None, model: Any, datamodule: Any, option: str = "checkpoint.monitor") -> None:
     """A validation monitor this run never logs is an error now, not after training (when no
     checkpoint could be written). Only ``VAL_NAME/...`` monitors are checked."""
     from .data.base import MELoRADataModule
@@ -279,7 +288,7 @@ def _check_monitor(monitor: str | None, model: Any, datamodule: Any) -> None:
     task = model.task.name
     logged = sorted({f"{n}/{k}" for n in names for k in [*metrics.keys(), "loss"]})
     if monitor not in logged:
-        raise ValueError(f"checkpoint.monitor={monitor!r} is never logged by this run (task {task}); use one of "
+        raise ValueError(f"{option}={monitor!r} is never logged by this run (task {task}); use one of "
                          f"{', '.join(logged)}")
 
 
@@ -404,8 +413,10 @@ def main(args: list[str] | None = None) -> None:
     status (:func:`melora_lit.errors.error_exit`), no traceback unless ``MELORA_LIT_DEBUG`` is set."""
     # main passes the (possibly completed) command line as `args`; that is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    preemption.install()  # a second SIGTERM while the preempted run saves and stops changes nothing
     args = list(sys.argv[1:] if args is None else args)
+    # a second SIGTERM while the preempted run saves and stops changes nothing; the commands
+    # without a trainer stop on SIGTERM/SIGUSR1 where they are, removing what they were writing
+    preemption.install(raise_on_signal=bool(args) and args[0] in ("export", "evaluate", "report"))
     try:
         cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
         check_config_files(args)
@@ -414,7 +425,13 @@ def main(args: list[str] | None = None) -> None:
         # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md);
         # validate/test/predict stopped with nothing written (StopOnSignal)
         preemption.exiting()
+        if preemption.received:  # export, evaluate, report
+            print(f"melora-lit: received {preemption.received}: {args[0]} stopped before it finished, its output is "
+                  f"not complete (exit status {EXIT_PREEMPTED})", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl+C outside a trainer's loop (Lightning handles it inside)
+        print(f"melora-lit: interrupted (SIGINT) (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit as stop:
         if preemption.interrupted and stop.code == 1:  # Lightning's exit after a KeyboardInterrupt
             sys.exit(EXIT_INTERRUPTED)

@@ -541,10 +541,18 @@ class _Preemption:
     def __init__(self) -> None:
         self.is_stopping = False
         self.interrupted = False  # a SIGINT (KeyboardInterrupt) ended the run: exit 130
+        self.raise_on_signal = False
+        self.received: str | None = None  # the signal that stopped a command without a trainer
 
-    def install(self) -> None:
+    def install(self, raise_on_signal: bool = False) -> None:
+        """``raise_on_signal``: a command without a trainer (``export``, ``evaluate``, ``report``):
+        SIGTERM and SIGUSR1 raise ``SIGTERMException`` in the main thread, so that what it was
+        writing is removed (its ``finally``/``except`` blocks run) and it exits 3."""
+        self.raise_on_signal = raise_on_signal
         if _in_main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            if raise_on_signal and hasattr(signal, "SIGUSR1"):
+                signal.signal(signal.SIGUSR1, self._on_sigterm)
 
     def stopping(self) -> None:
         self.is_stopping = True
@@ -562,6 +570,10 @@ class _Preemption:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.is_stopping or signal.getsignal(signum) != self._on_sigterm:
             return  # stopping already, or called by Lightning's handler, which stops the run
+        if self.raise_on_signal:
+            self.is_stopping = True
+            self.received = signal.Signals(signum).name
+            raise SIGTERMException
         signal.signal(signum, signal.SIG_DFL)  # no run to save: end as SIGTERM does
         os.kill(os.getpid(), signum)
 
