@@ -13,9 +13,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
-# --no-compile: Python compiles what it imports, once, on first use (not the ~10,000 modules of the
-# dependencies at install time: about half of a fresh set-up)
-pip_quiet=(-q --disable-pip-version-check --no-compile)
+pip_quiet=(-q --disable-pip-version-check)
 if ! python -c "import torch" >/dev/null 2>&1; then
   torch_args=("torch==${TORCH_VERSION:-2.13.0}")
   [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")

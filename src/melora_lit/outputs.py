@@ -33,6 +33,8 @@ def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folde
     exists (a file; a non-empty folder with ``folder``) and ``overwrite`` is off, when its
     extension is not one of ``suffixes``, or when it cannot be written."""
     target = Path(path).expanduser()
+    if not folder and target.exists() and not target.is_file():
+        check_writable(target, option, is_file=True)  # a folder or a device: says which
     if suffixes and not folder and target.suffix.lower() not in suffixes:
         raise ValueError(f"{option}={path!s} has the extension {target.suffix or '(none)'!r}; the format follows "
                          f"the extension: use one of {', '.join(suffixes)}")
