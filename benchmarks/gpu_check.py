@@ -335,8 +335,8 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
         variants = dict(eager)
     setup = time.perf_counter() - t0
     # under Triton's CPU interpreter (the smoke run) a Triton round takes seconds: those rows are
-    # timed apart, 3 rounds beside their own floor, so that the others get enough rounds for a
-    # steady median on a shared CPU
+    # timed apart, one round beside their own floor (the interpreter's speed means nothing), so
+    # that the others get enough rounds for a steady median on a shared CPU
     apart = {k: v for k, v in variants.items() if k.endswith(", Triton")} if interpreted else {}
     timed = {k: v for k, v in variants.items() if k not in apart}
     # rounds to fill what is left of the budget: one round ~ the time of a timed warm-up
@@ -348,7 +348,7 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
     samples = time_side_by_side(timed, x, g, reps, device)
     floors = {k: samples["frozen floor"] for k in samples}
     if apart:
-        apart_samples = time_side_by_side({"frozen floor": variants["frozen floor"], **apart}, x, g, 3, device)
+        apart_samples = time_side_by_side({"frozen floor": variants["frozen floor"], **apart}, x, g, 1, device)
         for k in apart:
             samples[k], floors[k] = apart_samples[k], apart_samples["frozen floor"]
     # a compiled variant is also measured against the compiled floor (the same compiler's overheads)

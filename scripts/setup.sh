@@ -14,6 +14,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
   . .venv/bin/activate
 fi
 pip_quiet=(-q --disable-pip-version-check)
+# A new environment gets its thousands of modules byte-compiled once at the end, on every core
+# (pip compiles them one by one); an existing one lets pip compile what it adds.
+fresh=0
+python -c "import torch" >/dev/null 2>&1 || { fresh=1; pip_quiet+=(--no-compile); }
 if ! python -c "import torch" >/dev/null 2>&1; then
   torch_args=("torch==${TORCH_VERSION:-2.13.0}")
   [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
@@ -55,3 +59,7 @@ case ",$extras," in
     fi
     ;;
 esac
+if [ "$fresh" = 1 ]; then
+  echo "setup: byte-compiling the environment"
+  python -m compileall -q -j 0 "$(python -c 'import sys; print(sys.prefix)')" >/dev/null 2>&1 || true
+fi
