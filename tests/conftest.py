@@ -40,3 +40,15 @@ def saved_bert_no_dropout(tmp_path_factory) -> str:
     """4-layer BERT, hidden 64, no dropout anywhere (exact comparisons across processes), and the
     real MiniLM tokenizer."""
     return save_tiny_bert(tmp_path_factory.mktemp("saved-bert-no-dropout"), dropout=False)
+
+
+# The modules with the longest runs first: pytest-xdist (--dist loadscope) hands modules to the
+# workers in collection order, so the long ones start at once and the short ones fill in at the
+# end, instead of one worker finishing a long module alone (longest-first scheduling).
+LONGEST_FIRST = ["test_distributed", "test_resilience", "test_gpu_check", "test_run_folders", "test_quantization",
+                 "test_chat", "test_errors", "test_conventions", "test_training", "test_gguf", "test_instruct"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))

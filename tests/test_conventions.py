@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_cli, run_main, sentiment_rows, write_config, write_csv
+from support import melora_cmd, melora_env, run_main, sentiment_rows, write_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -67,7 +67,7 @@ def _only_run(root: Path) -> Path:
 @pytest.mark.slow
 def test_version_and_the_commented_config():
     version = importlib.metadata.version("melora-lit")  # the installed distribution's
-    out = run_cli("--version")
+    out = run_main("--version")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"melora-lit {version}"
 

@@ -206,10 +206,10 @@ def test_torch_compile_uses_the_torch_path(tokens):
     torch.testing.assert_close(layer.lora_B.grad.double(), br.grad, rtol=0, atol=1e-4 * br.grad.abs().max().item())
 
 
-@pytest.mark.slow
 def test_cli_rejects_a_bad_setting_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "melora_lit.cli", "fit"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path, env={**os.environ, "MELORA_LIT_CPU_KERNELS": "on"})
+    from support import run_main
+
+    out = run_main("fit", cwd=tmp_path, env={"MELORA_LIT_CPU_KERNELS": "on"})
     assert out.returncode == 2
     assert out.stderr.strip() == ("melora-lit: error: MELORA_LIT_CPU_KERNELS='on' is not valid; "
                                   "use auto, 0 or 1")
