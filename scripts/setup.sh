@@ -13,17 +13,35 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
   # shellcheck disable=SC1091
   . .venv/bin/activate
 fi
-pip_quiet=(-q --disable-pip-version-check)
-# A new environment gets its thousands of modules byte-compiled once at the end, on every core
-# (pip compiles them one by one); an existing one lets pip compile what it adds.
-fresh=0
-python -c "import torch" >/dev/null 2>&1 || { fresh=1; pip_quiet+=(--no-compile); }
+# --no-compile: Python writes a module's bytecode when it is first imported (test.sh and
+# quickstart.sh make sure it may), instead of pip compiling all ~19,000 files of the environment
+# one at a time (half a minute of a fresh set-up; the runs import a few thousand)
+pip_quiet=(-q --disable-pip-version-check --no-compile)
 if ! python -c "import torch" >/dev/null 2>&1; then
   torch_args=("torch==${TORCH_VERSION:-2.13.0}")
   [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
   echo "setup: installing ${torch_args[*]}"
   pip install "${pip_quiet[@]}" "${torch_args[@]}"
 fi
+# The test extra's folders of their own, installed beside the package's own install (in the
+# background: pip uses one core): the oldest PEFT the test extra allows, not on sys.path (the
+# PEFT export test loads the export with it in a subprocess, as well as with the newest); Triton,
+# for the GPU kernels' tests under its CPU interpreter (a CPU torch must not find it: torch.compile
+# and torchao would try to use it).
+background=()
+case ",$extras," in
+  *,test,*)
+    prefix="$(python -c 'import sys; print(sys.prefix)')"
+    for req in "peft==0.13.0" "triton==3.5.0"; do
+      folder="$prefix/${req/==/-}"
+      if [ ! -d "$folder/${req%%==*}" ]; then
+        echo "setup: installing $req into $folder (--no-deps)"
+        pip install "${pip_quiet[@]}" --no-deps --target "$folder" "$req" &
+        background+=($!)
+      fi
+    done
+    ;;
+esac
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 echo "setup: installing melora-lit ($spec)"
@@ -39,27 +57,6 @@ case ",$extras," in
     fi
     ;;
 esac
-# The oldest PEFT the test extra allows, in a folder of its own (not on sys.path): the PEFT
-# export test loads the export with it in a subprocess, as well as with the newest.
-case ",$extras," in
-  *,test,*)
-    peft_oldest="0.13.0"
-    peft_dir="$(python -c 'import sys; print(sys.prefix)')/peft-$peft_oldest"
-    if [ ! -d "$peft_dir/peft" ]; then
-      echo "setup: installing peft==$peft_oldest into $peft_dir (--no-deps)"
-      pip install "${pip_quiet[@]}" --no-deps --target "$peft_dir" "peft==$peft_oldest"
-    fi
-    # Triton, for the GPU kernels' tests under its CPU interpreter, in a folder of its own (a CPU
-    # torch must not find it: torch.compile and torchao would try to use it)
-    triton_version="3.5.0"
-    triton_dir="$(python -c 'import sys; print(sys.prefix)')/triton-$triton_version"
-    if [ ! -d "$triton_dir/triton" ]; then
-      echo "setup: installing triton==$triton_version into $triton_dir (--no-deps)"
-      pip install "${pip_quiet[@]}" --no-deps --target "$triton_dir" "triton==$triton_version"
-    fi
-    ;;
-esac
-if [ "$fresh" = 1 ]; then
-  echo "setup: byte-compiling the environment"
-  python -m compileall -q -j 0 "$(python -c 'import sys; print(sys.prefix)')" >/dev/null 2>&1 || true
-fi
+for pid in "${background[@]}"; do
+  wait "$pid"  # a failed install fails the set-up
+done
