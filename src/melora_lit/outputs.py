@@ -43,7 +43,7 @@ def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folde
             raise ValueError(f"{option}={path!s} is a file; give a folder")
         if target.is_dir() and any(target.iterdir()) and not overwrite:
             raise ValueError(f"{option}={path!s} is not empty; pass {overwrite_option} to write into it")
-    elif target.exists() and target.is_file() and not overwrite:
+    elif target.exists() and not overwrite:  # a file (anything else was refused above)
         raise ValueError(f"{option}={path!s} exists; pass {overwrite_option} to replace it")
     check_writable(target, option, is_file=not folder)
 

@@ -412,6 +412,7 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path, overwrite: 
         raise ValueError("report: give at least one run folder")
     out = Path(output)
     names = ("report.md", "report.csv", "report.png")
+    # the folder may hold other files: only the report's own are protected
     check_output(out, "report --output", True, folder=True)
     existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:

@@ -348,8 +348,7 @@ def check_resume_data(ckpt: dict[str, Any], loader: Any, world_size: int) -> Non
     training ``loader`` (made before any process group exists): refuse it in one line if the
     epoch order or length would differ (:func:`check_same_data_order`), so that the resumed
     folder is not written to. :class:`ExactResume` checks again when training starts."""
-    ranks = (ckpt.get("callbacks", {}).get("ExactResume") or {}).get("ranks") or []
-    position = ((ranks[0] or {}).get("train_loader") or {}).get("sampler") if ranks else None
+    position = _saved_position(ckpt)
     if not position or not isinstance(loader, ResumableDataLoader) or not loader.batch_size:
         return
     samples = -(-len(loader.sampler.dataset) // world_size)  # DistributedSampler's share, padded
@@ -361,7 +360,12 @@ def check_resume_checkpoint(ckpt: dict[str, Any], world_size: int) -> None:
     """Before a run resumes from the checkpoint ``ckpt`` (as read) with ``world_size`` processes:
     refuse it in one line if it was saved mid-epoch by another number of processes (so that
     nothing is started, logged or written). Anything else is checked when training starts."""
-    ranks = (ckpt.get("callbacks", {}).get("ExactResume") or {}).get("ranks") or []
-    position = ((ranks[0] or {}).get("train_loader") or {}).get("sampler") if ranks else None
+    position = _saved_position(ckpt)
     if position:
         check_same_data_order(position, position.get("seed"), world_size)
+
+
+def _saved_position(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """Rank 0's loader position in a checkpoint (as read), as :class:`ResumableDataLoader` saves it."""
+    ranks = (ckpt.get("callbacks", {}).get("ExactResume") or {}).get("ranks") or []
+    return ((ranks[0] or {}).get("train_loader") or {}).get("sampler") if ranks else None
