@@ -149,12 +149,12 @@ def time_side_by_side(variants: dict[str, nn.Module], x, g, reps: int, device: s
     return samples
 
 
-def profile_ops(mod: nn.Module, x, g, device: str, steps: int = 5, top: int = 10) -> list[dict]:
+def profile_ops(mod: nn.Module, x, g, device: str, steps: int = 5, top: int = 10, warmup: int = 2) -> list[dict]:
     """Where one forward+backward's time goes: torch.profiler's ops and kernels, by self time
     on the device (CUDA kernels) or on the CPU, per step, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(2):
+    for _ in range(warmup):
         step(mod, x, g)
     sync(device)
     cuda = device == "cuda"

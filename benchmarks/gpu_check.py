@@ -327,17 +327,18 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
                 variants[f"MELoRA n={n} r={r}, Triton"] = fused
         except Exception as err:  # noqa: BLE001 - a candidate that fails must not cost the check
             triton_note = f"Triton candidate failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-    t0 = time.perf_counter()
-    try:
-        time_side_by_side(variants, x, g, 1, device)  # compiles every variant (the timer's own warm-up follows)
-    except Exception as err:  # noqa: BLE001
-        compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
-        variants = dict(eager)
-    setup = time.perf_counter() - t0
     # under Triton's CPU interpreter (the smoke run) a Triton round takes seconds: those rows are
     # timed apart, one round beside their own floor (the interpreter's speed means nothing), so
     # that the others get enough rounds for a steady median on a shared CPU
     apart = {k: v for k, v in variants.items() if k.endswith(", Triton")} if interpreted else {}
+    t0 = time.perf_counter()
+    try:
+        # compiles every variant (the timer's own warm-up follows); an interpreted kernel compiles nothing
+        time_side_by_side({k: v for k, v in variants.items() if k not in apart}, x, g, 1, device)
+    except Exception as err:  # noqa: BLE001
+        compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+        variants, apart = dict(eager), {}
+    setup = time.perf_counter() - t0
     timed = {k: v for k, v in variants.items() if k not in apart}
     # rounds to fill what is left of the budget: one round ~ the time of a timed warm-up
     t1 = time.perf_counter()
@@ -387,7 +388,9 @@ def part_layer(check: Check, budget: float, device: str, compile_backend: str) -
         if name not in variants:
             continue
         try:
-            profiled[name] = profile_ops(variants[name], x, g, device)
+            # an interpreted Triton step takes seconds: one step (after one warm-up) shows its ops
+            few = name in apart
+            profiled[name] = profile_ops(variants[name], x, g, device, steps=1 if few else 5, warmup=1 if few else 2)
         except Exception as err:  # noqa: BLE001 - a profiler that cannot run must not cost the check
             profiled[name] = [{"name": f"profiler failed: {type(err).__name__}: {err}"[:200], "ms": 0.0, "calls": 0}]
     check.figures["layer"]["profile"] = profiled

@@ -45,8 +45,8 @@ def saved_bert_no_dropout(tmp_path_factory) -> str:
 # The modules with the longest runs first: pytest-xdist (--dist loadscope) hands modules to the
 # workers in collection order, so the long ones start at once and the short ones fill in at the
 # end, instead of one worker finishing a long module alone (longest-first scheduling).
-LONGEST_FIRST = ["test_distributed", "test_resilience", "test_gpu_check", "test_run_folders", "test_quantization",
-                 "test_chat", "test_errors", "test_conventions", "test_training", "test_gguf", "test_instruct"]
+LONGEST_FIRST = ["test_distributed", "test_gpu_check", "test_resilience", "test_quantization", "test_run_folders",
+                 "test_chat", "test_training", "test_errors", "test_conventions", "test_gguf", "test_instruct"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

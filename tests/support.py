@@ -174,12 +174,29 @@ def melora_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **OFFLINE_ENV, **extra}
 
 
-def run_cli(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """A real ``melora-lit`` process (``python -m melora_lit.cli``), offline: for what only a
-    process can show (an exit status under a signal or a kill, a second process, start-up). The
-    rest calls :func:`run_main` in the test process."""
-    return subprocess.run(melora_cmd(*args), capture_output=True, text=True, timeout=timeout, env=melora_env(),
-                          **popen)
+def run_cli(*args: str, timeout: int = 300, env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
+    """A real ``melora-lit`` process, offline, forked from a server that has done the imports
+    (:mod:`forkserver`): for what only a process can show (an exit status under a signal or a
+    kill, a second process, a file-size limit). The rest calls :func:`run_main` in the test
+    process; start-up itself needs a fresh interpreter (:func:`melora_cmd`)."""
+    import forkserver
+
+    return forkserver.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else melora_env(), **popen)
+
+
+def melora_popen(*args: str, env: dict[str, str] | None = None, **popen):
+    """``subprocess.Popen`` of a real ``melora-lit`` process, forked as in :func:`run_cli`:
+    ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, pipes."""
+    import forkserver
+
+    return forkserver.popen(list(args), env=env if env is not None else melora_env(), **popen)
+
+
+def with_tests_on_path(**extra: str) -> dict[str, str]:
+    """:func:`melora_env` with this folder on ``PYTHONPATH`` (for callbacks defined in tests)."""
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return melora_env(PYTHONPATH=path, **extra)
 
 
 def run_main(*args: str, cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_main, sentiment_rows, write_config, write_csv
+from support import melora_popen, run_main, sentiment_rows, write_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -168,10 +168,9 @@ def test_job_log_gets_plain_progress_lines_and_a_terminal_does_not(tmp_path, dro
 
     # the same run with stdout on a terminal: Lightning's progress bar, no plain lines
     main, replica = pty.openpty()
-    proc = subprocess.Popen(melora_cmd("fit", "--config", str(cfg), "--progress.every_n_steps", "1",
-                                       "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
-                                       "--trainer.default_root_dir", str(tmp_path / "tty")),
-                            stdout=replica, stderr=subprocess.DEVNULL, env=melora_env(), close_fds=True)
+    proc = melora_popen("fit", "--config", str(cfg), "--progress.every_n_steps", "1",
+                        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                        "--trainer.default_root_dir", str(tmp_path / "tty"), stdout=replica, stderr=subprocess.DEVNULL)
     os.close(replica)
     shown = b""
     while True:

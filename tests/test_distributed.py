@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 TOL = 1e-5
 
-from support import csv_classification_data, save_tiny_bert, sentiment_rows, write_csv, write_run_config
+from support import (csv_classification_data, melora_popen, run_cli, save_tiny_bert, sentiment_rows, write_csv,
+                     write_run_config)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -103,12 +104,9 @@ def env(**extra: str) -> dict:
 
 
 def run_two_processes(*args: str, accelerator: str = "cpu") -> subprocess.CompletedProcess:
-    """``python -m melora_lit.cli ARGS`` on 2 processes; Lightning starts the second one."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "melora_lit.cli", *args, "--trainer.accelerator", accelerator,
-         "--trainer.devices", "2", "--data.init_args.batch_size", "16"],
-        cwd=ROOT, env=env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=TIMEOUT,
-    )
+    """``melora-lit ARGS`` on 2 processes; Lightning starts the second one."""
+    proc = run_cli(*args, "--trainer.accelerator", accelerator, "--trainer.devices", "2", "--data.init_args.batch_size",
+                   "16", cwd=ROOT, env=env(MASTER_PORT=str(free_port())), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     backend = "nccl" if accelerator == "gpu" else "gloo"
     assert f"distributed_backend={backend}" in proc.stdout + proc.stderr
@@ -314,11 +312,10 @@ def start_two(cfg: Path, strategy: str, log: Path, *extra: str) -> subprocess.Po
     own: a SIGKILL to the group is a node going away."""
     log.mkdir(exist_ok=True)
     pythonpath = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    return subprocess.Popen(
-        [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(cfg),
-         "--config", str(ROOT / f"configs/strategy/{strategy}.yaml"), "--trainer.accelerator", "cpu",
-         "--trainer.devices", "2", "--trainer.callbacks+=test_distributed.SampleLog", *extra],
-        cwd=ROOT, env=env(MASTER_PORT=str(free_port()), MELORA_TEST_SAMPLE_LOG=str(log), PYTHONPATH=pythonpath),
+    return melora_popen(
+        "fit", "--config", str(cfg), "--config", str(ROOT / f"configs/strategy/{strategy}.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.callbacks+=test_distributed.SampleLog",
+        *extra, cwd=ROOT, env=env(MASTER_PORT=str(free_port()), MELORA_TEST_SAMPLE_LOG=str(log), PYTHONPATH=pythonpath),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -511,9 +508,7 @@ def test_another_number_of_processes_is_refused_mid_epoch_and_exact_at_an_epoch_
     ref_root = ddp_uninterrupted["root"]
     before = {p: p.read_bytes() for p in ref_root.rglob("*") if p.is_file()}
     mid = step_checkpoint(ref_root, 2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(cfg), "--ckpt_path", str(mid)],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_cli("fit", "--config", str(cfg), "--ckpt_path", str(mid), cwd=ROOT, env=env(), timeout=TIMEOUT)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
     print(f"2 -> 1 process from {mid.name}: exit {proc.returncode}: {lines}")
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -532,11 +527,9 @@ def test_another_number_of_processes_is_refused_mid_epoch_and_exact_at_an_epoch_
     log = resume_setup["work"] / "one-process-samples"
     log.mkdir()
     pythonpath = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(cfg), "--ckpt_path", str(end),
-         "--data.init_args.batch_size", "8", "--trainer.callbacks+=test_distributed.SampleLog"],
-        cwd=ROOT, env=env(MELORA_TEST_SAMPLE_LOG=str(log), PYTHONPATH=pythonpath), capture_output=True, text=True,
-        timeout=TIMEOUT)
+    proc = run_cli("fit", "--config", str(cfg), "--ckpt_path", str(end), "--data.init_args.batch_size", "8",
+                   "--trainer.callbacks+=test_distributed.SampleLog", cwd=ROOT,
+                   env=env(MELORA_TEST_SAMPLE_LOG=str(log), PYTHONPATH=pythonpath), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = [json.loads(line) for line in (log / "rank0.jsonl").read_text().splitlines()]
     rows = [resume_setup["row_of"][tuple(s)] for e in entries for s in e["samples"]]

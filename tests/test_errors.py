@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch
 
 import yaml
 
-from support import melora_cmd, melora_env, run_main, sentiment_rows, tree_hashes, write_config, write_csv
+from support import melora_env, run_cli, run_main, sentiment_rows, tree_hashes, write_config, write_csv
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -164,16 +162,12 @@ def results(work) -> dict:
         if args[0] != "export" and "--config" not in args:
             args = [args[0], "--config", str(work["cfg"]), *args[1:]]
         if case == "disk_full":  # no CPU-kernel build: its compiler would hit the file size limit, slowly
-            results[case] = subprocess.run(melora_cmd(*args), capture_output=True, text=True, timeout=300, cwd=w,
-                                           env=melora_env(MELORA_LIT_CPU_KERNELS="0"), preexec_fn=_file_size_limit)
+            # below a checkpoint's size (~37 kB), above the small files a run writes before it
+            results[case] = run_cli(*args, cwd=w, env=melora_env(MELORA_LIT_CPU_KERNELS="0"),
+                                    file_size_limit=30_000)
         else:
             results[case] = run_main(*args, cwd=w)
     return results
-
-
-def _file_size_limit() -> None:
-    # below a checkpoint's size (~37 kB), above the small files a run writes before it
-    resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
 
 
 # not a mistake: true/false labels are class names (they were refused as booleans)

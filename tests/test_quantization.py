@@ -23,7 +23,7 @@ from torch import nn
 
 pytest.importorskip("torchao", reason="quantization needs torchao (pip install 'melora-lit[quantization]')")
 
-from support import dense_delta, melora_cmd, melora_env, run_main, tree_hashes  # noqa: E402
+from support import dense_delta, melora_env, melora_popen, run_cli, run_main, tree_hashes  # noqa: E402
 from melora_lit.adapter import MELoRAConfig, MELoRALinear, inject_melora, melora_layers  # noqa: E402
 from melora_lit.adapter.quantize import (  # noqa: E402
     check_device,
@@ -199,8 +199,8 @@ def test_checkpoints_are_adapter_only_and_resume_requantizes_exactly(work, refer
     assert last["hyper_parameters"]["quantization"] == "nf4"
     # a run killed once its step-2 checkpoint exists, then resumed with --ckpt_path last
     root = work["dir"] / "killed"
-    cmd = melora_cmd("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root))
-    proc = subprocess.Popen(cmd, env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = melora_popen("fit", "--config", str(work["cfg"]), *CKPT_ARGS, "--trainer.default_root_dir", str(root),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not list(_ckpts(root).glob("epoch=*-step=2.ckpt")):
         assert proc.poll() is None and time.monotonic() < deadline, "no step-2 checkpoint"
@@ -254,11 +254,9 @@ def test_ddp_two_processes_match_one_process(work, reference):
     env = melora_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "melora_lit.cli", "fit", "--config", str(work["cfg"]), "--config",
-         str(ROOT / "configs/strategy/ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "16",
-         "--trainer.default_root_dir", str(root), *CKPT_ARGS],
-        env=env, capture_output=True, text=True, timeout=400)
+    proc = run_cli("fit", "--config", str(work["cfg"]), "--config", str(ROOT / "configs/strategy/ddp.yaml"),
+                   "--trainer.devices", "2", "--data.init_args.batch_size", "16", "--trainer.default_root_dir", str(root),
+                   *CKPT_ARGS, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     ddp = _load(_ckpts(root) / "last.ckpt")

@@ -22,7 +22,8 @@ import pytest
 import torch
 import yaml
 
-from support import melora_cmd, melora_env, run_main, sentiment_rows, tree_hashes, write_config, write_csv
+from support import (melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes, with_tests_on_path,
+                     write_config, write_csv)
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 TOTAL_STEPS = 12  # 2 epochs x 6 steps
@@ -87,8 +88,8 @@ def reference(setup) -> dict:
 
 
 def _start(cfg: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(melora_cmd("fit", "--config", str(cfg), *CKPT_ARGS, *extra), env=melora_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return melora_popen("fit", "--config", str(cfg), *CKPT_ARGS, *extra, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_step(proc: subprocess.Popen, root: Path, step: int, timeout: float = 240) -> None:
@@ -144,9 +145,9 @@ def test_preemption_signal_saves_last_exits_3_and_resumes_exactly(setup, referen
     cfg, root = _config(setup, f"preempted-{signame}")
     loader = ("--data.init_args.num_workers", str(workers))
     # checkpoints every 4 steps: the signal's own save is what keeps the steps in between
-    proc = subprocess.Popen(melora_cmd("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "4",
-                                       "--checkpoint.save_top_k", "-1", *loader),
-                            env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = melora_popen("fit", "--config", str(cfg), "--checkpoint.every_n_train_steps", "4",
+                        "--checkpoint.save_top_k", "-1", *loader, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True)
     _wait_for_step(proc, root, 4)
     os.kill(proc.pid, getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
@@ -192,10 +193,8 @@ def test_stop_at_an_epoch_boundary_then_resume_gives_the_uninterrupted_run(setup
     cfg, root = _config(setup, f"boundary-{start}-{signame}-{moment}-{step}")
     first = ["--ckpt_path", str(_step_file(reference["root"], start))] if start else []
     before = tree_hashes(reference["root"])  # the run resumed from is another run's: left as it was
-    env = melora_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(melora_cmd("fit", "--config", str(cfg), *CKPT_ARGS, *first,
-                                     *_signal_at(setup, signame, moment, step)),
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("fit", "--config", str(cfg), *CKPT_ARGS, *first, *_signal_at(setup, signame, moment, step),
+                   env=with_tests_on_path())
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
     last = _load(_ckpts(root) / "last.ckpt")
     print(f"{signame} at {moment} of step {step}: last.ckpt at step {last['global_step']}")
@@ -213,17 +212,12 @@ def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(se
     """RLIMIT_FSIZE makes the resumed run's first write of last.ckpt fail half-way (EFBIG, as a
     full disk would): the run dies, last.ckpt is untouched. TMPDIR is on another filesystem
     (/dev/shm), where Lightning's own write (temp file in TMPDIR, then shutil.move) is a copy."""
-    import resource
-
     ckdir = tmp_path / "ckpts"
     ckdir.mkdir()
     last = ckdir / "last.ckpt"
     shutil.copy(_ckpts(reference["root"]) / "last.ckpt", last)
     before = last.read_bytes()
     limit = len(before) // 2
-
-    def small_files() -> None:  # in the child: no file may grow past half a checkpoint
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     args = ["fit", "--config", str(reference["cfg"]),
             "--trainer.default_root_dir", str(tmp_path / "root"), "--checkpoint.dirpath", str(ckdir),
@@ -232,8 +226,8 @@ def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(se
             "--checkpoint.enable_version_counter", "false",
             "--trainer.max_epochs", "3", "--ckpt_path", str(last)]
     tmpdir = "/dev/shm" if Path("/dev/shm").is_dir() else str(tmp_path)
-    proc = subprocess.run(melora_cmd(*args), env=melora_env(TMPDIR=tmpdir), capture_output=True, text=True,
-                          timeout=300, preexec_fn=small_files)
+    # in the process: no file may grow past half a checkpoint
+    proc = run_cli(*args, env=melora_env(TMPDIR=tmpdir), file_size_limit=limit)
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
     assert last.read_bytes() == before  # untouched, and still loads
     assert _load(last)["global_step"] == TOTAL_STEPS
@@ -390,8 +384,8 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
         left = {p.name for p in ckpts.glob(".ckpt-tmp-*")}  # by the previous kill: the run removes them
         started = time.time()
         proc = _start(cfg, *resume)
-        if moment == "startup":
-            time.sleep(rng.uniform(0.5, 5.0))
+        if moment == "startup":  # the process is forked with its imports done: it starts up in about a second
+            time.sleep(rng.uniform(0.05, 0.6))
         else:
             _wait_for_new_step(proc, ckpts, done + 1 + (kill == 1), started)  # it trains past where it resumed
             if moment == "write":

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import melora_cmd, melora_env, run_cli, run_main, sentiment_rows, tree_hashes, write_config, write_csv
+from support import (melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes, with_tests_on_path,
+                     write_config, write_csv)
 from melora_lit.training.checkpoints import EXIT_PREEMPTED
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -201,8 +202,8 @@ def test_two_runs_started_together_get_two_folders(base, tmp_path):
     root = tmp_path / "together"
     args = ["fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
-    procs = [subprocess.Popen(melora_cmd(*args, "--model.learning_rate", lr), env=melora_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for lr in ("1e-2", "3e-2")]
+    procs = [melora_popen(*args, "--model.learning_rate", lr, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) for lr in ("1e-2", "3e-2")]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
     runs = sorted((root / "lightning_logs").iterdir())
@@ -222,9 +223,9 @@ def test_two_runs_started_together_get_two_folders(base, tmp_path):
 @pytest.mark.parametrize("gap", [0.05, 1.0])
 def test_a_second_sigterm_changes_nothing(base, tmp_path, gap):
     root = tmp_path / "sigterm"
-    proc = subprocess.Popen(melora_cmd("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
-                                       "--checkpoint.every_n_train_steps", "1", "--trainer.max_epochs", "3"),
-                            env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = melora_popen("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                        "--checkpoint.every_n_train_steps", "1", "--trainer.max_epochs", "3",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
     deadline = time.monotonic() + 240
     while not list(ckpts.glob("epoch=*-step=*.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
@@ -403,12 +404,10 @@ def test_predict_stops_on_a_signal_and_writes_nothing(base, tmp_path, signame, s
         "signame": signame, "moment": "predict", "step": 1}}]}}))
     preds = tmp_path / "out" / "preds.csv"
     before = tree_hashes(base["root"])
-    env = melora_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(melora_cmd("predict", "--config", str(base["cfg"]), "--config", str(hook), "--ckpt_path",
-                                     str(last), "--data.init_args.predict_file", str(base["train"]),
-                                     "--data.init_args.batch_size", "4", "--prediction_writer.output_file", str(preds),
-                                     "--trainer.default_root_dir", str(tmp_path / "runs")),
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("predict", "--config", str(base["cfg"]), "--config", str(hook), "--ckpt_path", str(last),
+                   "--data.init_args.predict_file", str(base["train"]), "--data.init_args.batch_size", "4",
+                   "--prediction_writer.output_file", str(preds), "--trainer.default_root_dir", str(tmp_path / "runs"),
+                   env=with_tests_on_path())
     assert proc.returncode == status, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     if signame != "SIGINT":
