@@ -164,6 +164,7 @@ def test_gguf_errors_are_one_line(tiny_gguf, tmp_path):
         resolve_pretrained("package:no_such_package")
 
 
+@pytest.mark.slow  # two real fits (a model folder, a GGUF file): multi-second
 def test_causal_lm_fit_from_model_dir_and_gguf_file(tiny_gguf, cache_dir, tmp_path, monkeypatch):
     folder, name, _ = tiny_gguf
     monkeypatch.setenv("MELORA_LIT_CACHE", str(cache_dir))
