@@ -1,7 +1,7 @@
 """Real ``melora-lit`` processes without paying the imports for each one.
 
 A test that checks a process-level promise (an exit status, a signal, a SIGKILL, two processes
-at once) needs a process of its own; but a fresh ``python -m melora_lit.cli`` spends about 6
+at once) needs a process of its own; but a fresh ``python -m melora_lit`` spends about 6
 CPU-seconds importing torch, Lightning and transformers before it does anything, and the suite
 starts dozens of them. Here a server process imports ``melora_lit.cli`` once (and runs no torch
 op, so no thread pool exists when it forks); each command is a ``fork`` of it, with the command's
@@ -13,7 +13,7 @@ second DDP rank, DataLoader workers), atexit handlers and interpreter shutdown a
 What it is not: a fresh interpreter. Environment variables read at import time by a library
 (``PYTHONPATH`` aside, which is applied to ``sys.path``) keep the server's values, and
 start-up itself (a signal during the imports) cannot be tested through it: those tests start
-``python -m melora_lit.cli`` (:func:`support.melora_cmd`).
+``python -m melora_lit`` (:func:`support.melora_cmd`).
 
 Test side: :func:`popen` (a ``subprocess.Popen`` look-alike) and :func:`run` (``subprocess.run``).
 """
@@ -134,11 +134,11 @@ def _child(request: dict, fds: list[int]) -> None:
 
         torch.set_num_threads(int(threads))
     sys.argv = [request["argv0"], *request["args"]]
-    from melora_lit.cli import main
+    from melora_lit.__main__ import main  # the console script's entry: takes the signals, then the CLI
 
     code: Any = 0
     try:
-        main(list(request["args"]))
+        main()
     except SystemExit as stop:
         code = stop.code
     except BaseException:  # noqa: BLE001 - printed as the interpreter prints it

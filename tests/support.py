@@ -167,7 +167,7 @@ def write_config(path: Path, model: str, train_csv: Path, root: Path, *, trainer
 
 
 def melora_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "melora_lit.cli", *args]
+    return [sys.executable, "-m", "melora_lit", *args]
 
 
 def melora_env(**extra: str) -> dict[str, str]:

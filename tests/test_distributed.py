@@ -623,7 +623,7 @@ def test_fsdp1_policies_are_computed_from_the_model():
 def test_optimizer_state_positions_and_names_round_trip():
     """Positions are those of a plain optimizer over the trainable parameters only (Lightning's
     FSDP strategies count frozen parameters too, which a plain optimizer misreads)."""
-    from melora_lit.training.strategies import optimizer_state_to_names, optimizer_state_to_positions
+    from melora_lit.training.sharded_state import optimizer_state_to_names, optimizer_state_to_positions
     from melora_lit.adapter import MELoRAConfig, inject_melora
 
     model = _bert_classifier()

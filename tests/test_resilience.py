@@ -233,13 +233,13 @@ def test_a_failure_during_a_checkpoint_write_leaves_the_last_checkpoint_whole(se
     assert _load(last)["global_step"] == TOTAL_STEPS
     assert sorted(p.name for p in ckdir.iterdir()) == ["last.ckpt"]
     # a temp file as a SIGKILL mid-write leaves it (the SIGKILL test above kills mid-save too)
-    (ckdir / ".ckpt-tmp-123-abcd").write_bytes(before[:limit])
+    (ckdir / ".melora-tmp-123-abcd").write_bytes(before[:limit])
     # the next run resumes from the intact last.ckpt and removes the stale temp file
     from melora_lit.cli import cli_main
 
     cli = cli_main(args)
     assert cli.trainer.global_step == TOTAL_STEPS + 6
-    assert not [p for p in ckdir.iterdir() if p.name.startswith(".ckpt-tmp-")]
+    assert not [p for p in ckdir.iterdir() if p.name.startswith(".melora-tmp-")]
     assert _load(last)["global_step"] == TOTAL_STEPS + 6
 
 
@@ -381,7 +381,7 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
     mid_write = 0
     for kill, moment in enumerate(moments, start=1):
         done = _load(ckpts / "last.ckpt")["global_step"] if (ckpts / "last.ckpt").exists() else 0
-        left = {p.name for p in ckpts.glob(".ckpt-tmp-*")}  # by the previous kill: the run removes them
+        left = {p.name for p in ckpts.glob(".melora-tmp-*")}  # by the previous kill: the run removes them
         started = time.time()
         proc = _start(cfg, *resume)
         if moment == "startup":  # the process is forked with its imports done: it starts up in about a second
@@ -415,13 +415,13 @@ def test_soak_ten_sigkills_at_random_moments_end_bit_identical(setup, reference)
     print(f"10 kills, {mid_write} during a checkpoint write; final max abs diff {diff:.3g}")
     assert mid_write >= 1
     assert final["global_step"] == TOTAL_STEPS and diff == 0.0
-    assert not list(ckpts.glob(".ckpt-tmp-*"))
+    assert not list(ckpts.glob(".melora-tmp-*"))
     assert not (root / "lightning_logs" / "version_1").exists()
 
 
 def _writing(ckpts: Path, left: set[str]) -> bool:
     """Whether a checkpoint write of this process is in progress (its temp file exists)."""
-    return any(p.name not in left for p in ckpts.glob(".ckpt-tmp-*"))
+    return any(p.name not in left for p in ckpts.glob(".melora-tmp-*"))
 
 
 def _wait_for_new_step(proc: subprocess.Popen, ckpts: Path, step: int, since: float, timeout: float = 900) -> None:

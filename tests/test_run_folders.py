@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes, with_tests_on_path,
-                     write_config, write_csv)
-from melora_lit.training.checkpoints import EXIT_PREEMPTED
+from support import (melora_cmd, melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes,
+                     with_tests_on_path, write_config, write_csv)
+from melora_lit.errors import EXIT_PREEMPTED
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 TABLE_PREFIX = "`test_run_folders.py::"
@@ -141,7 +141,7 @@ def test_last_resumes_the_newest_run_whatever_the_logger_and_cleans_what_a_kill_
     root = base["work"] / f"resume-{logger}"  # a run of its own: a moved run folder resumes as a new top-k
     assert _fit(base, root).returncode == 0
     ckpts = root / "lightning_logs" / "version_0" / "checkpoints"
-    stale = ckpts / f".ckpt-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de"
+    stale = ckpts / f".melora-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de"
     stale.write_bytes(b"half a checkpoint")
     extra = ckpts / "epoch=0-step=2.ckpt"  # save_top_k=1 kept only step 6; a kill left this one
     shutil.copy(ckpts / "last.ckpt", extra)
@@ -177,7 +177,7 @@ def _dead_pid() -> int:
 
 # ----------------------------------------------------------------------------- version folders
 def _allocate_many(root: str, count: int, queue) -> None:
-    from melora_lit.training.run_folders import allocate_version
+    from melora_lit.run import allocate_version
 
     queue.put([allocate_version(root) for _ in range(count)])
 
@@ -239,14 +239,14 @@ def test_a_second_sigterm_changes_nothing(base, tmp_path, gap):
     assert "received SIGTERM: stopped after step" in err and "Traceback" not in err
     last = _load(ckpts / "last.ckpt")
     assert 1 <= last["global_step"] < 18
-    assert not list(ckpts.glob(".ckpt-tmp-*"))
+    assert not list(ckpts.glob(".melora-tmp-*"))
 
 
 def test_a_run_killed_in_its_first_checkpoint_write_is_found_and_its_temp_file_removed(tmp_path):
     """No last.ckpt, only the temp file of a dead writer: ``last`` has nothing to resume, the temp
     file goes, and ``auto`` is told to start that run again in its own folder. A live writer's
     temp file (this process) and an older run's files are left alone."""
-    from melora_lit.training.run_folders import find_last
+    from melora_lit.run import find_last
 
     logs = tmp_path / "lightning_logs"
     older = logs / "version_0" / "checkpoints"
@@ -254,12 +254,12 @@ def test_a_run_killed_in_its_first_checkpoint_write_is_found_and_its_temp_file_r
     (older / "last.ckpt").write_bytes(b"older run")
     dead = logs / "version_1" / "checkpoints"
     dead.mkdir(parents=True)
-    (dead / f".ckpt-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de").write_bytes(b"half")
+    (dead / f".melora-tmp-{socket.gethostname()}-{_dead_pid()}-0badc0de").write_bytes(b"half")
     assert find_last(None, logs, tmp_path / "checkpoints") == (None, logs / "version_1")
     assert not dead.exists() and (older / "last.ckpt").read_bytes() == b"older run"
     live = logs / "version_2" / "checkpoints"
     live.mkdir(parents=True)
-    (live / f".ckpt-tmp-{socket.gethostname()}-{os.getppid()}-0badc0de").write_bytes(b"being written")
+    (live / f".melora-tmp-{socket.gethostname()}-{os.getppid()}-0badc0de").write_bytes(b"being written")
     assert find_last(None, logs, None) == (older / "last.ckpt", None)  # version_2 is not dead: skipped
     assert len(list(live.iterdir())) == 1
 
@@ -476,3 +476,32 @@ def test_a_misspelled_early_stopping_monitor_is_refused_before_the_first_step(ba
     assert "EarlyStopping.monitor='val/acuracy' is never logged by this run" in _error(proc)
     assert "val/accuracy" in _error(proc) and "melora-lit: after" not in proc.stderr
     assert not (root / "lightning_logs").exists() or list((root / "lightning_logs").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- start-up signals
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["fit", "predict"])
+def test_a_signal_during_start_up_stops_before_the_first_step_and_writes_nothing(base, tmp_path, command):
+    """SIGTERM while a fresh ``melora-lit`` is still importing torch and Lightning (as a scheduler
+    or ``docker stop`` may send it; a process that is PID 1 would ignore it without a handler):
+    taken by the entry point before the imports, honoured at the first safe point, before any
+    step or batch: exit 3, one line, no run folder and no output. (A fresh interpreter: the
+    start-up is the point.)"""
+    root = tmp_path / "runs"
+    preds = tmp_path / "preds.csv"
+    last = base["root"] / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = tree_hashes(base["root"])
+    extra = (["--ckpt_path", str(last), "--data.init_args.predict_file", str(base["train"]),
+              "--prediction_writer.output_file", str(preds)] if command == "predict" else [])
+    proc = subprocess.Popen(melora_cmd(command, "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                                       *extra), env=melora_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.5)  # the imports take seconds: the signal comes during them
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert f"received SIGTERM while starting: {command} stopped before its first step" in err, err[-3000:]
+    assert "Traceback" not in err
+    assert not list(root.rglob("*.ckpt")) and not list(root.rglob("events.out.tfevents.*"))
+    assert not (root / "lightning_logs").exists() or not any((root / "lightning_logs").iterdir())
+    assert not preds.exists() and tree_hashes(base["root"]) == before

@@ -10,22 +10,6 @@
 
 __version__ = "0.1.0"
 
-from .adapter import (
-    InjectionSummary,
-    MELoRAConfig,
-    MELoRALinear,
-    adapter_params,
-    adapter_state_dict,
-    export_peft_lora,
-    inject_melora,
-    load_adapter,
-    load_adapter_config,
-    load_adapter_state_dict,
-    melora_layers,
-    merge_melora,
-    save_adapter,
-)
-
 __all__ = [
     "MELoRAConfig",
     "MELoRALinear",
@@ -41,3 +25,13 @@ __all__ = [
     "load_adapter_config",
     "export_peft_lora",
 ]
+
+
+def __getattr__(name: str):
+    # the adapter's names, imported on first use: ``melora-lit`` (melora_lit.__main__) takes its
+    # signals before torch is imported
+    if name in __all__:
+        from . import adapter
+
+        return getattr(adapter, name)
+    raise AttributeError(f"module 'melora_lit' has no attribute {name!r}")

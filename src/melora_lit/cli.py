@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from . import __version__
 from .adapter import cpu_kernels
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, check_config_files, error_exit, parser_message
+from .errors import EXIT_USAGE, check_config_files, parser_message
+from .run import LAST, LAST_OR_NEW, StopOnSignal, choose_run_folder, preemption, run_command
 from .training.prediction import PredictionWriter
 from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
@@ -33,14 +32,11 @@ from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThro
 from .sources import gguf_source
 from .training.checkpoints import (
     ResumableCheckpoint,
-    StopOnSignal,
     check_resume,
-    preemption,
     read_checkpoint,
     refuse_code_settings,
     use_atomic_checkpoint_io,
 )
-from .training.run_folders import LAST, LAST_OR_NEW, allocate_version, find_last, remove_failed_run, version_of
 from .training.guards import NonFiniteGuard
 from .training.resume import ExactResume, check_resume_checkpoint, check_resume_data
 
@@ -123,85 +119,25 @@ class MELoRACLI(LightningCLI):
         return self.config.get(subcommand) if subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        """Choose the run folder before anything is built or written: the newest run's for
-        ``--ckpt_path last``/``auto`` (fit), else a new ``version_N`` made atomically; the
-        loggers are given its ``version``."""
+        """The run folder, before anything is built or written (:func:`melora_lit.run.choose_run_folder`);
+        the loggers are given its ``version``."""
         self._keep_typed_model_settings()
-        self._logger_version: int | str | None = None
-        self._restore: list[tuple[Any, str, Any]] = []
-        cfg = self._subconfig()
-        if cfg is None or cfg.get("trainer") is None:
-            return
-        trainer = cfg.trainer
-        root = Path(trainer.get("default_root_dir") or os.getcwd())
-        specs = _logger_specs(trainer.get("logger"))
-        if specs is _OTHER_LOGGERS:
-            specs = []  # their own folders: "last" searches the default places, nothing is allocated
-            allocate = False
-        else:
-            allocate = True
-        log_root = _log_root(specs, root)
-        dirpath = cfg.get("checkpoint", {}).get("dirpath")
-        ckpt = cfg.get("ckpt_path")
-        found = dead = None
-        if ckpt in (LAST, LAST_OR_NEW):
-            found, dead = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
-                                    root / "checkpoints")
-            if found is None and ckpt == LAST_OR_NEW and self.subcommand != "fit":
-                where = dirpath or log_root or root
-                raise ValueError(f"--ckpt_path auto: no run under {where} has a last checkpoint (last*.ckpt), and "
-                                 f"{self.subcommand} needs a trained model, not a new one: give --ckpt_path FILE, "
-                                 f"or the run's --trainer.default_root_dir")
-            if found is None and ckpt == LAST:
-                where = dirpath or log_root or root
-                why = (f"the newest run {dead} was killed in its first checkpoint write (its temp file is removed)"
-                       if dead is not None else f"no run under {where} has a last checkpoint (last*.ckpt)")
-                raise ValueError(f"--ckpt_path last: {why}; nothing to resume: start a new run without --ckpt_path, "
-                                 f"or use --ckpt_path auto (resume if there is a checkpoint, else start)")
-            if found is not None:
-                self._read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
-                if rank_zero_only.rank == 0:
-                    print(f"melora-lit: resuming from {found}", file=sys.stderr)
-            cfg.ckpt_path = str(found) if found is not None else None
-        resumed_run = found.parent.parent if found is not None and self.subcommand == "fit" else None
-        if specs is None:  # no logger: a resumed run keeps writing its checkpoints where they are
-            if resumed_run is not None and not dirpath:
-                cfg.checkpoint.dirpath = str(found.parent)
-            return
-        if any(_spec_version(s) is not None for s in specs):
-            return  # the user chose the folder
-        if dead is not None and self.subcommand == "fit" and log_root is not None and dead.parent == log_root:
-            version: int | str | None = version_of(dead)  # started again in its own folder
-        elif resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
-            version = version_of(resumed_run)
-        elif not allocate:
-            return
-        elif not specs and SLURMEnvironment.detect() and SLURMEnvironment.job_id() is not None:
-            version = SLURMEnvironment.job_id()  # Lightning's default: a requeued job keeps its folder
-        elif rank_zero_only.rank == 0 and log_root is not None and allocate:
-            version = allocate_version(log_root)
-            _NEW_RUN_FOLDERS.append(log_root / f"version_{version}")
-        else:
-            # the other processes: only global rank 0 writes into the run folder, and Lightning's
-            # ModelCheckpoint takes its folder from rank 0 (a broadcast)
-            return
-        self._logger_version = version
-        for spec in specs:  # put back after instantiation: config.yaml must not pin the version
-            self._restore.append((spec.init_args, "version", spec.init_args.get("version")))
-            spec.init_args.version = version
+        self._choice = choose_run_folder(self._subconfig(), self.subcommand, self._read_checkpoint,
+                                         is_global_zero=rank_zero_only.rank == 0)
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        for namespace, key, value in self._restore:
+        for namespace, key, value in self._choice.restore:
             setattr(namespace, key, value)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self._subconfig()
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         kwargs.setdefault("callbacks", job_log_progress(config["trainer"], config.get("progress")))
-        if self._logger_version is not None and cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
+        version = self._choice.version
+        if version is not None and cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.trainer.get("default_root_dir") or os.getcwd()
-            kwargs["logger"] = TensorBoardLogger(save_dir=root, version=self._logger_version)  # Lightning's default
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, version=version)  # Lightning's default
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
         if not trainer.loggers:  # --trainer.logger false: nothing to log learning rates to
@@ -239,36 +175,6 @@ class MELoRACLI(LightningCLI):
 
 #: ``--ckpt_path`` values that are not a path.
 CKPT_KEYWORDS = (LAST, LAST_OR_NEW, "best", "hpc", "registry")
-_RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers that write version_N run folders
-_OTHER_LOGGERS: list = []  # marker: loggers of other kinds only
-#: Run folders this process created (removed again if the run fails before its first checkpoint).
-_NEW_RUN_FOLDERS: list[Path] = []
-
-
-def _logger_specs(logger: Any) -> list | None:
-    """The config entries of the loggers that write run folders: None without a logger, [] for
-    Lightning's default logger, :data:`_OTHER_LOGGERS` when only loggers of other kinds."""
-    if logger is False:
-        return None
-    if logger is None or logger is True:
-        return []
-    entries = logger if isinstance(logger, list) else [logger]
-    specs = [e for e in entries if str(getattr(e, "class_path", "")).rsplit(".", 1)[-1] in _RUN_LOGGERS]
-    return specs if specs or not entries else _OTHER_LOGGERS
-
-
-def _spec_version(spec: Any) -> Any:
-    return (spec.get("init_args") or {}).get("version")
-
-
-def _log_root(specs: list | None, root: Path) -> Path | None:
-    """``save_dir/name`` of the first run-folder logger (Lightning's default: root/lightning_logs)."""
-    if specs is None:
-        return None
-    if not specs:
-        return root / "lightning_logs"
-    args = specs[0].init_args
-    return Path(args.get("save_dir") or root) / (args.get("name") or "")
 
 
 def _check_monitor(monitor: str | None, model: Any, datamodule: Any, option: str = "checkpoint.monitor") -> None:
@@ -382,14 +288,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
         from .report import report_main
 
         return report_main(args[1:])  # type: ignore[return-value]
-    args = _with_default_config(args)
-    _NEW_RUN_FOLDERS.clear()
-    try:
-        return _run_cli(args, run)
-    except BaseException:
-        for folder in _NEW_RUN_FOLDERS:  # only what this run made, and only if it saved nothing
-            remove_failed_run(folder)
-        raise
+    return _run_cli(_with_default_config(args), run)
 
 
 def _run_cli(args: list[str], run: bool) -> MELoRACLI:
@@ -414,34 +313,16 @@ def main(args: list[str] | None = None) -> None:
     # main passes the (possibly completed) command line as `args`; that is intended here
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     args = list(sys.argv[1:] if args is None else args)
-    # a second SIGTERM while the preempted run saves and stops changes nothing; the commands
-    # without a trainer stop on SIGTERM/SIGUSR1 where they are, removing what they were writing
-    preemption.install(raise_on_signal=bool(args) and args[0] in ("export", "evaluate", "report"))
-    try:
+
+    def command() -> None:
+        # from here a stop signal stops the command at its first safe point (melora_lit.run); the
+        # commands without a trainer stop where they are, removing what they were writing
+        preemption.install(raise_on_signal=bool(args) and args[0] in ("export", "evaluate", "report"))
         cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
         check_config_files(args)
         cli_main(args)
-    except SIGTERMException:
-        # SIGTERM/SIGUSR1: ResumableCheckpoint saved last.ckpt and said so (docs/multinode.md);
-        # validate/test/predict stopped with nothing written (StopOnSignal)
-        preemption.exiting()
-        if preemption.received:  # export, evaluate, report
-            print(f"melora-lit: received {preemption.received}: {args[0]} stopped before it finished, its output is "
-                  f"not complete (exit status {EXIT_PREEMPTED})", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-    except KeyboardInterrupt:  # Ctrl+C outside a trainer's loop (Lightning handles it inside)
-        print(f"melora-lit: interrupted (SIGINT) (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except SystemExit as stop:
-        if preemption.interrupted and stop.code == 1:  # Lightning's exit after a KeyboardInterrupt
-            sys.exit(EXIT_INTERRUPTED)
-        raise
-    except (ValueError, OSError, MisconfigurationException) as err:
-        if os.environ.get("MELORA_LIT_DEBUG"):
-            raise
-        line, status = error_exit(err)
-        print(f"melora-lit: error: {line}", file=sys.stderr)
-        sys.exit(status)
+
+    run_command(args, command, debug=bool(os.environ.get("MELORA_LIT_DEBUG")))
 
 
 def _one_line_parser_error(message: str, ex: Exception | None = None) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ModelSourceError, OneLineArgumentParser, first_line
-from .outputs import check_output
+from .run import check_output
 
 FORMATS = ("merged", "adapter", "peft")
 

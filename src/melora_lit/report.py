@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OneLineArgumentParser, first_line
-from .outputs import check_output, remove_stale, staged
+from .run import check_output, remove_stale_temp_files, staged
 
 __all__ = ["RunSummary", "find_runs", "read_run", "build_report", "report_main"]
 
@@ -436,7 +436,7 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path, overwrite: 
                          f"{len(found)} folder(s) with event files but none with a train/ scalar")
     runs.sort(key=_sort_key)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
+    remove_stale_temp_files(out)
     root = _common_root(runs)
     groups = _groups(runs)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "report.png"}

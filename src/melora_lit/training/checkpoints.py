@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import sys
-import threading
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,14 +38,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .. import __version__
 from ..errors import EXIT_PREEMPTED  # (re-exported: its home is errors)
-from ..outputs import process_alive, staged
+from ..run import preemption, remove_stale_temp_files, staged
 from . import lightning_private
 
 __all__ = [
     "EXIT_PREEMPTED",
     "AtomicCheckpointIO",
     "ResumableCheckpoint",
-    "StopOnSignal",
     "check_resume",
     "check_state_shapes",
     "load_adapter_state",
@@ -60,9 +55,6 @@ __all__ = [
     "save_adapter_state",
 ]
 
-#: Prefix of a checkpoint being written (no "last" in it: Lightning's own "last" search must not
-#: see it); then host and process id, so that a stale one can be told from one being written.
-TMP_PREFIX = ".ckpt-tmp-"
 #: The file of a sharded checkpoint folder that holds all but the sharded tensors (Lightning's name).
 SHARDED_METADATA = "meta.pt"
 
@@ -99,7 +91,7 @@ def load_adapter_state(module: L.LightningModule, checkpoint: dict[str, Any]) ->
     strategies load (and pop) the state dict themselves; those of
     :mod:`melora_lit.training.strategies` leave it here."""
     from ..adapter import load_adapter_state_dict
-    from .strategies import is_sharded, load_full_state
+    from .sharded_state import is_sharded, load_full_state
 
     if "state_dict" in checkpoint:
         state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
@@ -303,18 +295,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                              f"parameter {bad} is not finite")
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        final = Path(str(path).removeprefix("file://"))
-        tmp = final.with_name(f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        with staged(final, "wb", tmp=tmp) as f:
+        with staged(Path(str(path).removeprefix("file://")), "wb") as f:  # melora_lit.run: one write, renamed
             torch.save(checkpoint, f)
-        try:  # the rename itself is durable once the folder entry is
-            dir_fd = os.open(final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
 
 
 def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
@@ -322,17 +304,6 @@ def use_atomic_checkpoint_io(trainer: L.Trainer) -> None:
     (a ``CheckpointIO`` of the user's own, given as a trainer plugin, is kept)."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-
-
-def remove_stale_temp_files(folder: Path) -> None:
-    """Remove temp files of writes that died (a kill mid-write) from ``folder``: those of this
-    host whose process is gone. A write in progress (another process) is left alone."""
-    host = socket.gethostname()
-    for tmp in folder.glob(f"{TMP_PREFIX}*"):
-        found = re.fullmatch(rf"{re.escape(TMP_PREFIX)}(.+)-(\d+)-[0-9a-f]+", tmp.name)
-        if found and (found.group(1) != host or process_alive(int(found.group(2)))):
-            continue
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the callback
@@ -347,11 +318,10 @@ class ResumableCheckpoint(ModelCheckpoint):
       files of an unfinished write, and ``epoch=...`` checkpoints beyond ``save_top_k``.
     """
 
-    _preempt_signal: str | None = None
-    _previous_usr1: Any = None
     _told = False  # the preemption message is printed once
     _saved_step: int | None = None  # global step of the last checkpoint written
     _stop_at_epoch_end = False  # a signal came at an epoch's last batch
+    _started = False  # the first step may run: a stop from now on saves
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -393,31 +363,17 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and trainer.ckpt_path:
             self._remove_checkpoints_beyond_top_k()
-        self._preempt_signal = None
         self._stop_at_epoch_end = False
         self._told = False
-        # SIGTERM is Lightning's (trainer.received_sigterm). SIGUSR1 is installed here, after
-        # Lightning registered its own handlers, so that its SLURM auto-requeue handler (when
-        # there is one) still runs: ours is called after it.
-        if hasattr(signal, "SIGUSR1") and _in_main_thread():
-            previous = signal.getsignal(signal.SIGUSR1)
-            self._previous_usr1 = previous
-
-            def on_usr1(signum: int, frame: Any) -> None:
-                if self._preempt_signal is None:
-                    self._preempt_signal = "SIGUSR1"
-                    if callable(previous):
-                        previous(signum, frame)
-
-            signal.signal(signal.SIGUSR1, on_usr1)
-        if trainer.world_size > 1 and _in_main_thread():
-            # Lightning's SIGTERM handler broadcasts from inside the handler, on whichever rank got
-            # the signal: unmatched by the other ranks, that collective hangs the job. Here SIGTERM
-            # only marks the run; on_train_batch_end's all-reduce stops every rank after one step.
-            self._previous_term = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "_preempt_signal", "SIGTERM"))
-
-    _previous_term: Any = None
+        # a signal during start-up (imports, model and data loading) stops the run here, before
+        # its first step; from now on a signal stops it after a step, with a save (melora_lit.run)
+        self._started = False
+        preemption.stop_before_start("fit", trainer)
+        self._started = True
+        # SIGUSR1 is installed after Lightning registered its own handlers, so that its SLURM
+        # auto-requeue handler (when there is one) still runs: after ours. SIGTERM stays
+        # Lightning's (trainer.received_sigterm) on one process.
+        preemption.watch(term=trainer.world_size > 1, chain_usr1=True)
 
     def _remove_checkpoints_beyond_top_k(self) -> None:
         """A kill between writing a new top-k checkpoint and removing the one it replaced leaves
@@ -430,18 +386,13 @@ class ResumableCheckpoint(ModelCheckpoint):
                 path.unlink(missing_ok=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_usr1 is not None and _in_main_thread():
-            # a repeated SIGUSR1 during the shutdown must not end the process: keep it ignored
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN if self._preempt_signal else self._previous_usr1)
-            self._previous_usr1 = None
-        if self._previous_term is not None and _in_main_thread():
-            signal.signal(signal.SIGTERM, self._previous_term)
-            self._previous_term = None
+        if stage == "fit":
+            preemption.unwatch()
         super().teardown(trainer, pl_module, stage)
 
     # -- preemption
     def _signal_name(self, trainer: L.Trainer) -> str | None:
-        return self._preempt_signal or ("SIGTERM" if trainer.received_sigterm else None)
+        return preemption.requested(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -466,7 +417,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         # a signal during validation or at an epoch end stops the run outside on_train_batch_end
         # (only fit saves: validate/test/predict stop with nothing written, StopOnSignal)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if isinstance(exception, SIGTERMException) and fitting and not trainer.sanity_checking:
+        if isinstance(exception, SIGTERMException) and fitting and self._started and not trainer.sanity_checking:
             self._save_preempted(trainer)
 
     def _save_preempted(self, trainer: L.Trainer) -> None:
@@ -479,103 +430,3 @@ class ResumableCheckpoint(ModelCheckpoint):
             print(f"melora-lit: received {name}: stopped after step {trainer.global_step}, last checkpoint "
                   f"{self.last_model_path or '(none)'}; rerun with --ckpt_path last to resume "
                   f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-class StopOnSignal(L.Callback):
-    """``validate``, ``test`` and ``predict`` stop on SIGTERM and SIGUSR1 too (Lightning's loops
-    stop only ``fit``, where :class:`ResumableCheckpoint` saves first): after the current batch,
-    with nothing written (``PredictionWriter`` writes at the end, staged), and the command exits
-    :data:`EXIT_PREEMPTED`. A SIGINT (Ctrl+C), which Lightning ends as status 1, is recorded so
-    that the command exits 130, as shells expect."""
-
-    def __init__(self) -> None:
-        self._signal: str | None = None
-        self._previous_usr1: Any = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._signal = None
-        if stage != "fit" and hasattr(signal, "SIGUSR1") and _in_main_thread():
-            self._previous_usr1 = signal.getsignal(signal.SIGUSR1)
-            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "_signal", "SIGUSR1"))
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_usr1 is not None and _in_main_thread():
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN if self._signal else self._previous_usr1)
-            self._previous_usr1 = None
-
-    def _check(self, trainer: L.Trainer, batch_idx: int) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            return  # fit's validation: ResumableCheckpoint's
-        name = self._signal or ("SIGTERM" if trainer.received_sigterm else None)
-        if trainer.strategy.reduce_boolean_decision(name is not None, all=False):
-            preemption.stopping()
-            if trainer.is_global_zero:
-                print(f"melora-lit: received {name or 'a stop signal'}: {trainer.state.fn.value} stopped after batch "
-                      f"{batch_idx + 1}, nothing written (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
-            raise SIGTERMException
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check(trainer, batch_idx)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check(trainer, batch_idx)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._check(trainer, batch_idx)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            preemption.interrupted = True
-
-
-class _Preemption:
-    """The process-wide SIGTERM policy of ``melora-lit``: before a run stops for a signal, SIGTERM
-    ends the process as usual; once it is stopping (saving ``last.ckpt``, shutting down), more
-    SIGTERMs are ignored, so that the save completes and the status stays :data:`EXIT_PREEMPTED`.
-    (Lightning restores the previous handler when the trainer shuts down: this one.)"""
-
-    def __init__(self) -> None:
-        self.is_stopping = False
-        self.interrupted = False  # a SIGINT (KeyboardInterrupt) ended the run: exit 130
-        self.raise_on_signal = False
-        self.received: str | None = None  # the signal that stopped a command without a trainer
-
-    def install(self, raise_on_signal: bool = False) -> None:
-        """``raise_on_signal``: a command without a trainer (``export``, ``evaluate``, ``report``):
-        SIGTERM and SIGUSR1 raise ``SIGTERMException`` in the main thread, so that what it was
-        writing is removed (its ``finally``/``except`` blocks run) and it exits 3."""
-        self.raise_on_signal = raise_on_signal
-        if _in_main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-            if raise_on_signal and hasattr(signal, "SIGUSR1"):
-                signal.signal(signal.SIGUSR1, self._on_sigterm)
-
-    def stopping(self) -> None:
-        self.is_stopping = True
-
-    def exiting(self) -> None:
-        """The run stopped for a signal and the process exits now: ignore more of them at the OS
-        level (Python's shutdown resets a Python handler to the default, which would end the
-        process by SIGTERM, status 143, instead of :data:`EXIT_PREEMPTED`)."""
-        self.is_stopping = True
-        if _in_main_thread():
-            for name in ("SIGTERM", "SIGUSR1"):
-                if hasattr(signal, name):
-                    signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.is_stopping or signal.getsignal(signum) != self._on_sigterm:
-            return  # stopping already, or called by Lightning's handler, which stops the run
-        if self.raise_on_signal:
-            self.is_stopping = True
-            self.received = signal.Signals(signum).name
-            raise SIGTERMException
-        signal.signal(signum, signal.SIG_DFL)  # no run to save: end as SIGTERM does
-        os.kill(os.getpid(), signum)
-
-
-preemption = _Preemption()

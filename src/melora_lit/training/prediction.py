@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
-from ..outputs import check_output, remove_stale, staged
+from ..run import check_output, remove_stale_temp_files, staged
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -43,7 +43,7 @@ class PredictionWriter(BasePredictionWriter):
         if stage == "predict" and self.output_file:  # refused before the predictions are made
             check_output(self.output_file, "prediction_writer.output_file", self.overwrite,
                          suffixes=(".csv", ".jsonl"), overwrite_option="--prediction_writer.overwrite true")
-            remove_stale(Path(self.output_file).expanduser().parent)
+            remove_stale_temp_files(Path(self.output_file).expanduser().parent)
 
     def write_on_epoch_end(
         self,

@@ -1,0 +1,578 @@
+"""The one owner of runs and outputs: every ``melora-lit`` command asks this module where its run
+folder is, how an output is written, and what a signal or a failure makes of the command.
+
+* **Outputs** (every command): :func:`check_output` refuses, before any work, an existing output
+  without ``--overwrite`` (the same flag and meaning everywhere), an extension the writer does
+  not know, a path that cannot be written. :func:`staged` writes a file whole or not at all: to a
+  temporary sibling (:func:`temp_sibling`), flushed, renamed into place; a killed write leaves only
+  that sibling, which the next run removes (:func:`remove_stale_temp_files`). A staged file is
+  created with ``open``, so it gets the permissions a plain write under the user's umask gives.
+* **Run folders** (``fit``, ``validate``, ``test``, ``predict``): each run gets its own
+  ``version_N``, made atomically (:func:`allocate_version`); ``--ckpt_path last``/``auto`` find
+  the newest run's ``last*.ckpt`` (:func:`find_last`); :func:`choose_run_folder` is the whole
+  decision for a parsed command; a run that fails before its first checkpoint removes the folder
+  it made (:func:`remove_new_run_folders`).
+* **Signals**: :data:`preemption`, the process-wide policy (SIGTERM/SIGUSR1 stop a command at
+  the next safe point: ``fit`` after a resumable save, the others with nothing written; a signal
+  during start-up stops the command before it starts); :class:`StopOnSignal` for ``validate``,
+  ``test`` and ``predict``.
+* **Exit statuses**: :func:`run_command` turns what a command raised into one
+  ``melora-lit: error:`` line and the status (the values live in :mod:`melora_lit.errors`).
+
+Imports nothing from :mod:`melora_lit.training` (which uses it), so every layer may ask it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, check_writable, error_exit
+
+__all__ = [
+    "LAST", "LAST_OR_NEW", "RunChoice", "StopOnSignal", "TMP_PREFIX", "allocate_version", "check_output",
+    "choose_run_folder", "died_in_first_write", "find_last", "preemption", "process_alive", "remove_failed_run",
+    "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged", "temp_sibling", "version_of",
+]
+
+# ============================================================================= outputs
+#: Prefix of a file being written (a checkpoint, a prediction file, a report): then host, process
+#: id and a random part, so that a stale one (its process gone) can be told from one being
+#: written. No "last" in it: Lightning's own search for ``last`` checkpoints must not see it.
+TMP_PREFIX = ".melora-tmp-"
+_TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}(.+)-(\d+)-[0-9a-f]+")
+
+
+def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folder: bool = False,
+                 suffixes: Sequence[str] = (), overwrite_option: str = "--overwrite") -> None:
+    """Refuse (one-line ``ValueError``) to write the output ``path`` (given as ``option``) when it
+    exists (a file; a non-empty folder with ``folder``) and ``overwrite`` is off, when its
+    extension is not one of ``suffixes``, or when it cannot be written."""
+    target = Path(path).expanduser()
+    if not folder and target.exists() and not target.is_file():
+        check_writable(target, option, is_file=True)  # a folder or a device: says which
+    if suffixes and not folder and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{option}={path!s} has the extension {target.suffix or '(none)'!r}; the format follows "
+                         f"the extension: use one of {', '.join(suffixes)}")
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{option}={path!s} is a file; give a folder")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise ValueError(f"{option}={path!s} is not empty; pass {overwrite_option} to write into it")
+    elif target.exists() and not overwrite:  # a file (anything else was refused above)
+        raise ValueError(f"{option}={path!s} exists; pass {overwrite_option} to replace it")
+    check_writable(target, option, is_file=not folder)
+
+
+def temp_sibling(final: Path) -> Path:
+    """Where ``final`` is written before it is renamed into place (same folder, same filesystem)."""
+    return final.with_name(f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def staged(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """``open(path, mode)`` for writing, through :func:`temp_sibling`, renamed over ``path`` once
+    the block ends without an error (``os.replace``: atomic on one filesystem), then the folder
+    entry made durable. On an error the sibling is removed and ``path`` is as it was."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself is durable once the folder entry is
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Remove what killed writes of :func:`staged` left in ``folder``: temporary siblings of this
+    host whose process is gone. A write in progress (another process) is left alone."""
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):
+        found = _TMP_NAME.fullmatch(tmp.name)
+        if found and (found.group(1) != host or process_alive(int(found.group(2)))):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs on this host (this process's own writes, left by an
+    earlier process of the same pid, count as dead: it is only starting)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ============================================================================= run folders
+#: ``--ckpt_path last``: continue the newest run; an error when there is none.
+LAST = "last"
+#: ``--ckpt_path auto``: continue the newest run, or start a new one when there is none (what a
+#: job that is requeued after preemption runs with).
+LAST_OR_NEW = "auto"
+_VERSION = re.compile(r"version_(\d+)")
+
+
+def _versions(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _VERSION.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def allocate_version(root: str | os.PathLike) -> int:
+    """Create ``root/version_N`` for the smallest free N above every existing version, atomically
+    (``os.mkdir`` fails on an existing folder: then the next N), so that two runs started at the
+    same time, on one machine or on several nodes of a shared filesystem, never share a folder;
+    returns N."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = _versions(root)
+    version = existing[-1][0] + 1 if existing else 0
+    while True:
+        try:
+            os.mkdir(root / f"version_{version}")
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def version_of(folder: Path) -> int | str:
+    """The logger ``version`` argument that names ``folder`` (``version_3`` -> 3)."""
+    m = _VERSION.fullmatch(folder.name)
+    return int(m.group(1)) if m else folder.name
+
+
+def _last_files(checkpoints: Path) -> list[Path]:
+    """``last*.ckpt`` in a checkpoint folder, newest first (Lightning's own rule: by time)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(checkpoints.glob("last*.ckpt"), key=_mtime, reverse=True)
+
+
+def find_last(dirpath: Path | None, log_root: Path | None,
+              default_dir: Path | None) -> tuple[Path | None, Path | None]:
+    """``(last, dead)``: the ``last*.ckpt`` that ``--ckpt_path last`` resumes (None when no run
+    has one), and the newest run folder when that run died in its first checkpoint write
+    (:func:`died_in_first_write`), which ``auto`` starts again in place.
+
+    With an explicit ``--checkpoint.dirpath``, the newest ``last*.ckpt`` in it. Otherwise the
+    newest run: the highest ``version_N`` under ``log_root`` (the logger's ``save_dir/name``)
+    that has a ``last*.ckpt``, or ``default_dir`` (``default_root_dir/checkpoints``, where a run
+    without a logger writes) when its ``last*.ckpt`` is newer. An older run is never taken
+    instead of the newest one, even when the newest one's file cannot be read."""
+    if dirpath is not None:
+        files = _last_files(dirpath)
+        return (files[0] if files else None), None
+    candidates = []
+    for _, run in reversed(_versions(log_root) if log_root is not None else []):
+        files = _last_files(run / "checkpoints")
+        if files:
+            candidates.append(files[0])
+            break
+        if died_in_first_write(run):
+            return None, run  # the newest run has nothing to resume
+    if default_dir is not None:
+        candidates += _last_files(default_dir)[:1]
+    if not candidates:
+        return None, None
+    return max(candidates, key=_mtime), None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def died_in_first_write(run: Path) -> bool:
+    """Whether ``run`` was killed while writing its first checkpoint: its checkpoint folder holds
+    only temp files of writes whose process (on this host) is gone. Those are removed: such a run
+    is started again in its own folder by ``--ckpt_path auto``."""
+    folder = run / "checkpoints"
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if not entries or not all(p.name.startswith(TMP_PREFIX) for p in entries):
+        return False
+    remove_stale_temp_files(folder)
+    if any(folder.iterdir()):
+        return False  # a write in progress: a live run
+    folder.rmdir()
+    return True
+
+
+def remove_failed_run(folder: Path) -> bool:
+    """Remove ``folder`` (a run folder this process created) if it holds no checkpoint."""
+    if not folder.is_dir() or any(folder.rglob("*.ckpt")):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+#: Run folders this process created (removed again if the command fails before its first checkpoint).
+_NEW_RUN_FOLDERS: list[Path] = []
+
+
+def remove_new_run_folders() -> None:
+    """After a failed command: remove what it made, and only if it saved nothing."""
+    for folder in _NEW_RUN_FOLDERS:
+        remove_failed_run(folder)
+    _NEW_RUN_FOLDERS.clear()
+
+
+_RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers that write version_N run folders
+_OTHER_LOGGERS: list = []  # marker: loggers of other kinds only
+
+
+@dataclass
+class RunChoice:
+    """What :func:`choose_run_folder` decided: the checkpoint to resume (``ckpt_path`` is set on
+    the config), the logger version that names the run folder (None: the logger's own choice),
+    and the config values to put back after instantiation (``config.yaml`` must not pin a version)."""
+
+    version: int | str | None = None
+    restore: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+
+def choose_run_folder(cfg: Any, subcommand: str | None, read_checkpoint: Callable[[Path], Any],
+                      is_global_zero: bool = True) -> RunChoice:
+    """The run folder of a parsed command (``cfg``: its jsonargparse namespace), before anything
+    is built or written: the newest run's for ``--ckpt_path last``/``auto`` (``fit``; its file is
+    read with ``read_checkpoint``, so an unreadable one is refused now, never an older run taken),
+    else a new ``version_N`` made atomically by global rank 0 (the other ranks learn it from
+    Lightning's broadcast). ``cfg.ckpt_path`` is set to the file found; ``cfg.checkpoint.dirpath``
+    to the resumed run's checkpoints when there is no logger."""
+    choice = RunChoice()
+    if cfg is None or cfg.get("trainer") is None:
+        return choice
+    trainer = cfg.trainer
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    specs = _logger_specs(trainer.get("logger"))
+    allocate = specs is not _OTHER_LOGGERS
+    if not allocate:
+        specs = []  # their own folders: "last" searches the default places, nothing is allocated
+    log_root = _log_root(specs, root)
+    dirpath = cfg.get("checkpoint", {}).get("dirpath")
+    ckpt = cfg.get("ckpt_path")
+    found = dead = None
+    if ckpt in (LAST, LAST_OR_NEW):
+        found, dead = find_last(Path(dirpath) if dirpath else None, log_root or root / "lightning_logs",
+                                root / "checkpoints")
+        where = dirpath or log_root or root
+        if found is None and ckpt == LAST_OR_NEW and subcommand != "fit":
+            raise ValueError(f"--ckpt_path auto: no run under {where} has a last checkpoint (last*.ckpt), and "
+                             f"{subcommand} needs a trained model, not a new one: give --ckpt_path FILE, "
+                             f"or the run's --trainer.default_root_dir")
+        if found is None and ckpt == LAST:
+            why = (f"the newest run {dead} was killed in its first checkpoint write (its temp file is removed)"
+                   if dead is not None else f"no run under {where} has a last checkpoint (last*.ckpt)")
+            raise ValueError(f"--ckpt_path last: {why}; nothing to resume: start a new run without --ckpt_path, "
+                             f"or use --ckpt_path auto (resume if there is a checkpoint, else start)")
+        if found is not None:
+            read_checkpoint(found)  # the newest run's: if unreadable, say so (never an older run)
+            if is_global_zero:
+                print(f"melora-lit: resuming from {found}", file=sys.stderr)
+        cfg.ckpt_path = str(found) if found is not None else None
+    resumed_run = found.parent.parent if found is not None and subcommand == "fit" else None
+    if specs is None:  # no logger: a resumed run keeps writing its checkpoints where they are
+        if resumed_run is not None and not dirpath:
+            cfg.checkpoint.dirpath = str(found.parent)
+        return choice
+    if any((s.get("init_args") or {}).get("version") is not None for s in specs):
+        return choice  # the user chose the folder
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if dead is not None and subcommand == "fit" and log_root is not None and dead.parent == log_root:
+        version: int | str | None = version_of(dead)  # started again in its own folder
+    elif resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
+        version = version_of(resumed_run)
+    elif not allocate:
+        return choice
+    elif not specs and SLURMEnvironment.detect() and SLURMEnvironment.job_id() is not None:
+        version = SLURMEnvironment.job_id()  # Lightning's default: a requeued job keeps its folder
+    elif is_global_zero and log_root is not None:
+        version = allocate_version(log_root)
+        _NEW_RUN_FOLDERS.append(log_root / f"version_{version}")
+    else:
+        # the other processes: only global rank 0 writes into the run folder, and Lightning's
+        # ModelCheckpoint takes its folder from rank 0 (a broadcast)
+        return choice
+    choice.version = version
+    for spec in specs:
+        choice.restore.append((spec.init_args, "version", spec.init_args.get("version")))
+        spec.init_args.version = version
+    return choice
+
+
+def _logger_specs(logger: Any) -> list | None:
+    """The config entries of the loggers that write run folders: None without a logger, [] for
+    Lightning's default logger, :data:`_OTHER_LOGGERS` when only loggers of other kinds."""
+    if logger is False:
+        return None
+    if logger is None or logger is True:
+        return []
+    entries = logger if isinstance(logger, list) else [logger]
+    specs = [e for e in entries if str(getattr(e, "class_path", "")).rsplit(".", 1)[-1] in _RUN_LOGGERS]
+    return specs if specs or not entries else _OTHER_LOGGERS
+
+
+def _log_root(specs: list | None, root: Path) -> Path | None:
+    """``save_dir/name`` of the first run-folder logger (Lightning's default: root/lightning_logs)."""
+    if specs is None:
+        return None
+    if not specs:
+        return root / "lightning_logs"
+    args = specs[0].init_args
+    return Path(args.get("save_dir") or root) / (args.get("name") or "")
+
+
+# ============================================================================= signals
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop_exception() -> type[BaseException]:
+    # Lightning's own (a SystemExit): its loops end on it as on their own SIGTERM
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return SIGTERMException
+
+
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
+class Preemption:
+    """The process-wide policy for SIGTERM, SIGUSR1 (a scheduler's "stop now") and SIGINT.
+
+    * From :meth:`install` (the first thing a command does) until a loop watches: a stop signal
+      is recorded (:attr:`early`) and the command stops at its first safe point, before any step
+      or batch (:meth:`stop_before_start`); a command without a trainer (``export``, ``evaluate``,
+      ``report``) stops where it is, removing what it was writing (``raise_on_signal``).
+    * While a loop runs (:meth:`watch`, from the trainer's callbacks): the signal is recorded
+      (:attr:`signal`) and the loop stops after the current step or batch (``fit`` saves first).
+    * Once the command is stopping, more signals change nothing (:meth:`exiting`).
+    """
+
+    def __init__(self) -> None:
+        self.is_stopping = False
+        self.interrupted = False  # a SIGINT (KeyboardInterrupt) ended the run: exit 130
+        self.raise_on_signal = False
+        self.received: str | None = None  # the signal that stopped a command without a trainer
+        self.early: str | None = None  # a stop signal before any loop watched
+        self.signal: str | None = None  # the stop signal a loop got
+        self._previous: dict[int, Any] = {}
+
+    def install(self, raise_on_signal: bool = False) -> None:
+        """Take SIGTERM and SIGUSR1 (again: :func:`melora_lit.__main__.main` installs it before the
+        imports, the command once it knows what it is). ``raise_on_signal``: a command without a
+        trainer stops where it is, also for a signal received before this call."""
+        self.raise_on_signal = raise_on_signal
+        self.is_stopping = self.interrupted = False
+        self.received = self.signal = None
+        if in_main_thread():
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, self._on_signal)
+        if raise_on_signal and self.early:
+            self.is_stopping = True
+            self.received = self.early
+            raise _stop_exception()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.is_stopping or signal.getsignal(signum) != self._on_signal:
+            return  # stopping already, or called by Lightning's handler, which stops the run
+        name = signal.Signals(signum).name
+        if self.raise_on_signal:
+            self.is_stopping = True
+            self.received = name
+            raise _stop_exception()
+        self.early = self.early or name
+
+    def stop_before_start(self, what: str, trainer: Any) -> None:
+        """At a loop's start (every rank): a stop signal received during start-up (imports, model
+        and data loading, on any rank) stops the command here, before its first step or batch,
+        with nothing trained or written."""
+        name = self.early or ("SIGTERM" if getattr(trainer, "received_sigterm", False) else None)
+        if not trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+            return
+        self.is_stopping = True
+        if trainer.is_global_zero:
+            print(f"melora-lit: received {name or 'a stop signal'} while starting: {what} stopped before its first "
+                  f"step, nothing trained or written (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+        raise _stop_exception()
+
+    def watch(self, *, term: bool, chain_usr1: bool) -> None:
+        """While a loop runs: SIGUSR1 (and, with ``term``, SIGTERM; else Lightning's handler marks
+        ``trainer.received_sigterm``) only records the request, which the loop's callback acts on
+        at the next step or batch end. ``chain_usr1``: Lightning's own SIGUSR1 handler (SLURM
+        auto-requeue), if it installed one, still runs."""
+        self.signal = None
+        if not in_main_thread():
+            return
+        if hasattr(signal, "SIGUSR1"):
+            previous = signal.getsignal(signal.SIGUSR1)
+            self._previous[signal.SIGUSR1] = previous
+
+            def on_usr1(signum: int, frame: Any) -> None:
+                if self.signal is None:
+                    self.signal = "SIGUSR1"
+                    if chain_usr1 and callable(previous) and previous is not self._on_signal:
+                        previous(signum, frame)
+
+            signal.signal(signal.SIGUSR1, on_usr1)
+        if term:
+            # Lightning's SIGTERM handler broadcasts from inside the handler, on whichever rank got
+            # the signal: unmatched by the other ranks, that collective hangs a multi-process job
+            self._previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signal", self.signal or "SIGTERM"))
+
+    def unwatch(self) -> None:
+        """The loop ended: the handlers before :meth:`watch` are back (a repeated SIGUSR1 during
+        a stop's shutdown stays ignored: it must not end the process)."""
+        if not in_main_thread():
+            return
+        for signum, previous in self._previous.items():
+            stopped = self.signal is not None and signum == getattr(signal, "SIGUSR1", None)
+            signal.signal(signum, signal.SIG_IGN if stopped else previous)
+        self._previous.clear()
+
+    def requested(self, trainer: Any) -> str | None:
+        """The stop signal a loop got (Lightning records a SIGTERM it handled itself)."""
+        return self.signal or ("SIGTERM" if getattr(trainer, "received_sigterm", False) else None)
+
+    def stopping(self) -> None:
+        self.is_stopping = True
+
+    def exiting(self) -> None:
+        """The command stopped for a signal and the process exits now: ignore more of them at the
+        OS level (Python's shutdown resets a Python handler to the default, which would end the
+        process by SIGTERM, status 143, instead of :data:`EXIT_PREEMPTED`)."""
+        self.is_stopping = True
+        if in_main_thread():
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+
+preemption = Preemption()
+
+
+def _stop_on_signal_class():
+    import lightning as L
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    class StopOnSignal(L.Callback):
+        """``validate``, ``test`` and ``predict`` stop on SIGTERM and SIGUSR1 too (Lightning's loops
+        stop only ``fit``, where ``ResumableCheckpoint`` saves first): after the current batch,
+        with nothing written (``PredictionWriter`` writes at the end, staged), and the command
+        exits :data:`EXIT_PREEMPTED`. A SIGINT (Ctrl+C), which Lightning ends as status 1, is
+        recorded so that the command exits 130, as shells expect."""
+
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if stage != "fit":
+                preemption.stop_before_start(getattr(stage, "value", stage), trainer)
+                preemption.watch(term=False, chain_usr1=False)
+
+        def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            if stage != "fit":
+                preemption.unwatch()
+
+        def _check(self, trainer: L.Trainer, batch_idx: int) -> None:
+            if trainer.state.fn == TrainerFn.FITTING:
+                return  # fit's validation: ResumableCheckpoint's
+            name = preemption.requested(trainer)
+            if trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+                preemption.stopping()
+                if trainer.is_global_zero:
+                    print(f"melora-lit: received {name or 'a stop signal'}: {trainer.state.fn.value} stopped after "
+                          f"batch {batch_idx + 1}, nothing written (exit status {EXIT_PREEMPTED})", file=sys.stderr,
+                          flush=True)
+                raise _stop_exception()
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self._check(trainer, batch_idx)
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self._check(trainer, batch_idx)
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self._check(trainer, batch_idx)
+
+        def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+            if isinstance(exception, KeyboardInterrupt):
+                preemption.interrupted = True
+
+    return StopOnSignal
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StopOnSignal":  # a Lightning callback: Lightning is imported when it is asked for
+        globals()[name] = cls = _stop_on_signal_class()
+        return cls
+    raise AttributeError(name)
+
+
+# ============================================================================= exit statuses
+def run_command(args: list[str], command: Callable[[], Any], debug: bool = False) -> None:
+    """Run ``command`` (the parsed ``args``' work) as the ``melora-lit`` process does: a signal
+    ends it with :data:`EXIT_PREEMPTED` (130 for SIGINT), a bad input or a machine fault with one
+    ``melora-lit: error:`` line and its status (:func:`melora_lit.errors.error_exit`), and a
+    failed run removes the run folder it made (if it saved nothing). ``debug``
+    (``MELORA_LIT_DEBUG``): the traceback instead of the line."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    stop = _stop_exception()
+    _NEW_RUN_FOLDERS.clear()
+    try:
+        try:
+            command()
+        except BaseException:
+            remove_new_run_folders()
+            raise
+    except stop:
+        # SIGTERM/SIGUSR1: fit saved last.ckpt and said so (docs/multinode.md); validate/test/
+        # predict stopped with nothing written; a start-up signal stopped before the first step
+        preemption.exiting()
+        if preemption.received:  # export, evaluate, report
+            print(f"melora-lit: received {preemption.received}: {args[0]} stopped before it finished, its output is "
+                  f"not complete (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # Ctrl+C outside a trainer's loop (Lightning handles it inside)
+        print(f"melora-lit: interrupted (SIGINT) (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exit_:
+        if preemption.interrupted and exit_.code == 1:  # Lightning's exit after a KeyboardInterrupt
+            sys.exit(EXIT_INTERRUPTED)
+        raise
+    except (ValueError, OSError, MisconfigurationException) as err:
+        if debug:
+            raise
+        line, status = error_exit(err)
+        print(f"melora-lit: error: {line}", file=sys.stderr)
+        sys.exit(status)
