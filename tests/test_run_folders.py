@@ -505,3 +505,24 @@ def test_a_signal_during_start_up_stops_before_the_first_step_and_writes_nothing
     assert not list(root.rglob("*.ckpt")) and not list(root.rglob("events.out.tfevents.*"))
     assert not (root / "lightning_logs").exists() or not any((root / "lightning_logs").iterdir())
     assert not preds.exists() and tree_hashes(base["root"]) == before
+
+
+@pytest.mark.parametrize("ckpt", ["last", "auto", "file"])
+def test_a_finished_run_resumed_says_so_and_writes_nothing(base, ckpt):
+    """The base run trained its 1 epoch: resuming it (a requeued job after the run ended, or a
+    user's ``--ckpt_path``) trains nothing. It says so in one line, exits 0 and leaves every file
+    of the run byte-identical (no rewritten config.yaml, no new event file)."""
+    root = _copy(base, f"finished-{ckpt}")
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = tree_hashes(root)
+    proc = _fit(base, root, "--ckpt_path", str(last) if ckpt == "file" else ckpt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "is a finished run" in line]
+    assert len(lines) == 1 and "it trained 1 epoch and --trainer.max_epochs is 1" in lines[0], proc.stderr[-3000:]
+    assert "nothing written" in lines[0] and "Traceback" not in proc.stderr
+    assert tree_hashes(root) == before
+    # with a higher limit the same checkpoint trains on
+    proc = _fit(base, root, "--ckpt_path", "last", "--trainer.max_epochs", "2")
+    assert proc.returncode == 0 and "is a finished run" not in proc.stderr, proc.stderr[-3000:]
+    newest = max(last.parent.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: a copied run folder
+    assert torch.load(newest, weights_only=True)["global_step"] == 12

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from . import __version__
 from .adapter import cpu_kernels
 from .errors import EXIT_USAGE, check_config_files, parser_message
-from .run import LAST, LAST_OR_NEW, StopOnSignal, choose_run_folder, preemption, run_command
+from .run import LAST, LAST_OR_NEW, StopOnSignal, choose_run_folder, finished_run, preemption, run_command
 from .training.prediction import PredictionWriter
 from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
@@ -147,6 +147,7 @@ class MELoRACLI(LightningCLI):
     def before_fit(self) -> None:
         # everything that can refuse the run, before fit writes anything into a run folder
         path = self.config_init[self.subcommand].get("ckpt_path")
+        done = None
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
             ckpt = self._read_checkpoint(path)
             check_resume(path, ckpt, self.model.hparams, getattr(self.datamodule, "seed", None))
@@ -156,12 +157,19 @@ class MELoRACLI(LightningCLI):
             if isinstance(self.datamodule, MELoRADataModule):  # its data, read once, before anything is written
                 self.datamodule.setup("fit")
                 check_resume_data(ckpt, self.datamodule.train_dataloader(), self.trainer.world_size)
+            done = finished_run(ckpt, self.trainer.max_epochs, self.trainer.max_steps)
         for callback in self.trainer.checkpoint_callbacks:
             option = "checkpoint.monitor" if isinstance(callback, ResumableCheckpoint) else \
                 f"{type(callback).__name__}.monitor"
             _check_monitor(getattr(callback, "monitor", None), self.model, self.datamodule, option)
         for callback in self.trainer.early_stopping_callbacks:  # refused now, not after the first epoch
             _check_monitor(callback.monitor, self.model, self.datamodule, "EarlyStopping.monitor")
+        if done is not None:  # valid, but nothing to train: say so, write nothing (a requeued job that finished ends 0)
+            if self.trainer.is_global_zero:
+                print(f"melora-lit: {path} is a finished run: {done}; nothing to resume, nothing written. Raise "
+                      f"--trainer.max_epochs (or max_steps) to train on, or start a new run without --ckpt_path",
+                      file=sys.stderr)
+            sys.exit(0)
 
     def after_fit(self) -> None:
         # fit prints no metrics table (validate does): say where the run ended

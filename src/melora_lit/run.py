@@ -11,7 +11,8 @@ folder is, how an output is written, and what a signal or a failure makes of the
   ``version_N``, made atomically (:func:`allocate_version`); ``--ckpt_path last``/``auto`` find
   the newest run's ``last*.ckpt`` (:func:`find_last`); :func:`choose_run_folder` is the whole
   decision for a parsed command; a run that fails before its first checkpoint removes the folder
-  it made (:func:`remove_new_run_folders`).
+  it made (:func:`remove_new_run_folders`); a resume of a run that has nothing left to train is
+  told apart (:func:`finished_run`).
 * **Signals**: :data:`preemption`, the process-wide policy (SIGTERM/SIGUSR1 stop a command at
   the next safe point: ``fit`` after a resumable save, the others with nothing written; a signal
   during start-up stops the command before it starts); :class:`StopOnSignal` for ``validate``,
@@ -42,7 +43,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, check_writable, error_exit
 
 __all__ = [
     "LAST", "LAST_OR_NEW", "RunChoice", "StopOnSignal", "TMP_PREFIX", "allocate_version", "check_output",
-    "choose_run_folder", "died_in_first_write", "find_last", "preemption", "process_alive", "remove_failed_run",
+    "choose_run_folder", "died_in_first_write", "find_last", "finished_run", "preemption", "process_alive", "remove_failed_run",
     "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged", "temp_sibling", "version_of",
 ]
 
@@ -576,3 +577,17 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
         line, status = error_exit(err)
         print(f"melora-lit: error: {line}", file=sys.stderr)
         sys.exit(status)
+
+
+# ============================================================================= finished runs
+def finished_run(checkpoint: dict[str, Any], max_epochs: int | None, max_steps: int) -> str | None:
+    """Why a resumed run would train nothing (its checkpoint is already at this run's
+    ``max_epochs`` or ``max_steps``, as Lightning's fit loop decides it), or None."""
+    step = int(checkpoint.get("global_step") or 0)
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        return f"it is at step {step} and --trainer.max_steps is {max_steps}"
+    progress = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("current")
+    epochs = int((progress or {}).get("processed") or 0)
+    if max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs:
+        return f"it trained {epochs} epoch{'s' if epochs != 1 else ''} and --trainer.max_epochs is {max_epochs}"
+    return None
