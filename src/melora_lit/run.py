@@ -42,8 +42,8 @@ from typing import IO, Any
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, check_writable, error_exit
 
 __all__ = [
-    "LAST", "LAST_OR_NEW", "RunChoice", "TMP_PREFIX", "allocate_version", "check_output",
-    "choose_run_folder", "died_in_first_write", "find_last", "finished_run", "preemption", "process_alive", "remove_failed_run",
+    "LAST", "LAST_OR_NEW", "RunChoice", "TMP_PREFIX", "allocate_version", "check_output", "choose_run_folder",
+    "died_in_first_write", "find_last", "finished_run", "preemption", "process_alive", "remove_failed_run",
     "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged", "temp_sibling", "version_of",
 ]
 
