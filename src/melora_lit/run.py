@@ -556,6 +556,8 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
         except BaseException:
             remove_new_run_folders()
             raise
+        finally:
+            preemption.early = None  # a start-up signal belongs to this command (matters in-process only)
     except stop:
         # SIGTERM/SIGUSR1: fit saved last.ckpt and said so (docs/multinode.md); validate/test/
         # predict stopped with nothing written; a start-up signal stopped before the first step
