@@ -391,9 +391,6 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().teardown(trainer, pl_module, stage)
 
     # -- preemption
-    def _signal_name(self, trainer: L.Trainer) -> str | None:
-        return preemption.requested(trainer)
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # Lightning (2.6) resumes a checkpoint written here at an epoch's last batch wrongly: the
@@ -406,7 +403,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if not last_batch:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # every rank must agree, or the save's collectives would hang
-        stop = trainer.strategy.reduce_boolean_decision(self._signal_name(trainer) is not None, all=False)
+        stop = trainer.strategy.reduce_boolean_decision(preemption.requested(trainer) is not None, all=False)
         if stop and not last_batch:
             self._save_preempted(trainer)
             raise SIGTERMException  # what Lightning raises after this hook on SIGTERM; the CLI exits 3
@@ -422,7 +419,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def _save_preempted(self, trainer: L.Trainer) -> None:
         preemption.stopping()
-        name = self._signal_name(trainer) or "SIGTERM"
+        name = preemption.requested(trainer) or "SIGTERM"
         if self._saved_step != trainer.global_step and self.save_last:
             lightning_private.save_last(self, trainer)
         if trainer.is_global_zero and not self._told:
