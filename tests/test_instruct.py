@@ -20,7 +20,7 @@ from melora_lit.cli import cli_main
 from melora_lit.data import ChitChatDataModule, InstructionDataModule
 from melora_lit.data.instruction import LengthGroupedSampler, chitchat_pairs
 
-from support import write_run_config
+from support import run_main, write_run_config
 
 SHARED_INSTRUCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct"
 ALPACA_DEMO = SHARED_INSTRUCT / "alpaca_en_demo.json"
@@ -444,3 +444,47 @@ def test_causal_lm_without_config_monitors_val_loss_and_an_impossible_monitor_fa
     assert lines[0] == ("melora-lit: error: checkpoint.monitor='val/accuracy' is never logged by this run (task "
                         "causal-lm); use one of val/loss, val/perplexity")
     assert not list((tmp_path / "bad").rglob("*.ckpt")) and not list((tmp_path / "bad").rglob("version_*"))
+
+
+def test_attn_implementation_reaches_the_backbone_and_a_bad_one_is_one_line(tiny_llama, tmp_path):
+    from melora_lit.adapter import MELoRAConfig
+    from melora_lit.training.module import MELoRAModule
+
+    for impl in ("eager", "sdpa"):
+        module = MELoRAModule(tiny_llama, task="causal-lm", attn_implementation=impl,
+                              melora=MELoRAConfig(r=2, n=2, target_modules=["q_proj"]))
+        module.configure_model()
+        assert module.model.config._attn_implementation == impl
+    out = run_main("fit", "--model.attn_implementation", "flash", "--trainer.default_root_dir", str(tmp_path))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "attn_implementation" in out.stderr and "flash_attention_2" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_packed_batch_flattened_without_padding_has_the_same_token_losses(tiny_llama):
+    """What flash/flex attention get (one row, no padding) gives the padded rows' token losses."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from melora_lit.data.packing import PackedCollator, flatten_packed, pack_dataset
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3, 12, 7, 4]
+    samples = [torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
+    labels = [[-100] * (n // 2) + s[n // 2:] for s, n in zip(samples, lengths)]
+    rows = pack_dataset(Dataset.from_dict({"input_ids": samples, "labels": labels}), max_length=16)
+    batch = PackedCollator(pad_token_id=0)([rows[i] for i in range(len(rows))])
+    flat = flatten_packed(batch)
+    assert flat["input_ids"].shape == (1, sum(lengths)) and batch["input_ids"].numel() > sum(lengths)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+
+    def token_losses(b: dict) -> torch.Tensor:
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+        target = b["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
+        return losses[target.flatten() != -100]
+
+    with torch.no_grad():
+        padded, flattened = token_losses(batch), token_losses(flat)
+    assert len(padded) == sum(n - n // 2 - (n // 2 == 0) for n in lengths) == len(flattened)
+    torch.testing.assert_close(flattened.sort().values, padded.sort().values, rtol=1e-6, atol=1e-6)

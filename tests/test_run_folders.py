@@ -119,17 +119,19 @@ def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faul
         assert str(result["root"] / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt") in message
 
 
-def test_docs_table_shows_each_case_and_its_actual_message(faults, base):
-    """docs/errors.md ("Runs, resume and checkpoints") shows each fault case's actual message."""
+def test_docs_table_shows_each_case_and_its_actual_message(faults, changes, base):
+    """docs/errors.md ("Runs, resume and checkpoints") shows each fault case's actual message (a
+    sha256 digest as any 12 hex digits: a backbone's comes from its random weights)."""
     rows = {}
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if cells and cells[0].startswith(TABLE_PREFIX):
             rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
-    assert set(rows) == set(FAULTS)
-    for case in FAULTS:
-        message = _error(faults[case]["proc"]).replace(str(faults[case]["root"]), "$ROOT")
-        assert rows[case] == message.replace("|", "\\|"), case
+    assert set(rows) == set(FAULTS) | set(CHANGES)
+    for case, result in [*faults.items(), *changes.items()]:
+        message = _error(result["proc"]).replace(str(result["root"]), "$ROOT").replace(str(base["work"]), "$WORK")
+        digests = re.compile(r"\b[0-9a-f]{12}\b")
+        assert digests.sub("<sha256>", rows[case]) == digests.sub("<sha256>", message.replace("|", "\\|")), case
 
 
 # ----------------------------------------------------------------------------- resume, any logger
@@ -373,14 +375,14 @@ def test_outputs_are_never_replaced_without_overwrite_and_follow_their_extension
         "extension": run_main(*predict, "--prediction_writer.output_file", str(tmp_path / "preds.txt")),
         "report": run_main("report", str(base["root"]), "--output", str(report_dir)),
     }
-    words = {"exists": f"{preds} exists; pass --prediction_writer.overwrite true to replace it",
+    words = {"exists": f"{preds} exists; pass --overwrite to replace it",
              "extension": "has the extension '.txt'; the format follows the extension: use one of .csv, .jsonl",
              "report": "already holds report.md; pass --overwrite to replace the report"}
     for case, proc in refused.items():
         assert proc.returncode == 2, (case, proc.stderr[-3000:])
         assert words[case] in _error(proc), case
     assert tree_hashes(tmp_path) == before  # no run folder, no prediction, no report
-    replaced = run_main(*predict, "--prediction_writer.output_file", str(preds), "--prediction_writer.overwrite", "true")
+    replaced = run_main(*predict, "--prediction_writer.output_file", str(preds), "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert preds.read_text().startswith("review,sentiment,prediction") and len(preds.read_text().splitlines()) == 65
     again = run_main("report", str(base["root"]), "--output", str(report_dir), "--overwrite")
@@ -526,3 +528,122 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(base, ckpt):
     assert proc.returncode == 0 and "is a finished run" not in proc.stderr, proc.stderr[-3000:]
     newest = max(last.parent.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: a copied run folder
     assert torch.load(newest, weights_only=True)["global_step"] == 12
+
+
+# ------------------------------------------------------------- data and backbone belong to the run (issue 22, rule 3)
+def _flipped_labels(base: dict) -> Path:
+    """The base run's training file with every label flipped: as many rows and bytes, other contents."""
+    data = base["train"].read_bytes().replace(b"positive", b"\0").replace(b"negative", b"positive")
+    (base["work"] / "flipped_train.csv").write_bytes(data.replace(b"\0", b"negative"))
+    return base["work"] / "flipped_train.csv"
+
+
+def _other_weights(base: dict) -> Path:
+    """The base run's backbone folder (config, tokenizer) with other weights of the same shapes."""
+    from transformers import BertModel
+
+    folder = base["work"] / "other-weights"
+    shutil.copytree(base["model"], folder)
+    model = BertModel.from_pretrained(folder)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-1.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _validated_run(base: dict) -> Path:
+    """A run of its own, trained 2 steps with a validation file, which is then rewritten in place."""
+    root, val = base["work"] / "validated", base["work"] / "val.csv"
+    write_csv(val, sentiment_rows(16, seed=5))
+    proc = _fit(base, root, "--data.init_args.validation_file", str(val), "--trainer.limit_train_batches", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    write_csv(val, sentiment_rows(16, seed=6))
+    return root
+
+
+# case -> (--accept_change value, how its root and arguments are made, words the message must hold)
+CHANGES: dict[str, tuple] = {
+    "resume_other_train_data": ("train_data", lambda b: (_copy(b, "other-train"), [
+        "--data.init_args.train_file", str(_flipped_labels(b))]), "train file $WORK/flipped_train.csv changed"),
+    "resume_other_val_data": ("val_data", lambda b: (_validated_run(b), [
+        "--data.init_args.validation_file", str(b["work"] / "val.csv"), "--trainer.limit_train_batches", "2"]),
+        "was validated on other data: validation file $WORK/val.csv changed"),
+    "resume_other_backbone_weights": ("backbone", lambda b: (_copy(b, "other-backbone"), [
+        "--model.model_name_or_path", str(_other_weights(b))]),
+        "another backbone: weights file model.safetensors of $WORK/other-weights changed"),
+}
+
+
+@pytest.fixture(scope="module")
+def changes(base) -> dict:
+    """Each case resumed (to a second epoch) by a real process on changed data or another
+    backbone; its run folder before and after."""
+    out = {}
+    for case, (_, prepare, _) in CHANGES.items():
+        root, args = prepare(base)
+        before = tree_hashes(root)
+        proc = run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                       "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last", "--trainer.max_epochs", "2",
+                       *args, timeout=900)
+        out[case] = {"proc": proc, "root": root, "args": args, "before": before, "after": tree_hashes(root)}
+    return out
+
+
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_a_resume_on_other_data_or_another_backbone_is_refused(changes, base, case):
+    """A training file of as many rows and bytes with its labels flipped, a validation file
+    rewritten in place, a backbone of the same config and shapes with other weights: each resume
+    is refused in one line that names the part, the file and how it changed (before: each
+    resumed silently), and leaves the run folder byte-identical."""
+    result = changes[case]
+    message = _error(result["proc"]).replace(str(base["work"]), "$WORK")
+    print(f"{case}: exit {result['proc'].returncode}: {message}")
+    assert result["proc"].returncode == 2 and CHANGES[case][2] in message, message
+    assert f"pass --accept_change {CHANGES[case][0]} to train on with this one" in message
+    assert result["after"] == result["before"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_an_accepted_change_resumes_and_is_recorded(changes, base, case):
+    """The same resume with ``--accept_change PART`` says what it accepted in one line, trains on
+    and records the new fingerprint; ``config.yaml`` does not keep the acceptance."""
+    root, args, part = changes[case]["root"], changes[case]["args"], CHANGES[case][0]
+    proc = run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root),
+                   "--checkpoint.every_n_train_steps", "2", "--ckpt_path", "last", "--trainer.max_epochs", "2",
+                   "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", *args,
+                   "--accept_change", part, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"melora-lit: --accept_change {part}: " in proc.stderr and "Traceback" not in proc.stderr
+    run = root / "lightning_logs" / "version_0"
+    newest = max((run / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: a copy
+    recorded = _load(newest)["callbacks"]["RunFingerprint"]
+    from melora_lit.fingerprint import file_fingerprint
+
+    if part == "backbone":
+        assert recorded["backbone"]["source"] == args[-1]
+        weights = file_fingerprint(Path(args[-1]) / "model.safetensors")  # a small file: hashed whole
+        assert recorded["backbone"]["weights"] == [{"file": "model.safetensors", "size": weights["size"],
+                                                    "sha256": weights["sha256"]}]
+    else:
+        name = "train" if part == "train_data" else "val"
+        assert recorded["data"][name]["files"] == [file_fingerprint(args[1])]
+    assert "accept_change: null" in (run / "config.yaml").read_text()
+
+
+def test_an_accepted_training_data_change_that_changes_the_epochs_is_refused_naming_it(base):
+    """A training file with more rows, accepted, whose epochs would have more batches: still
+    refused (Lightning would cut the next epoch short), and the message names the data's change,
+    not only the batch size; nothing written."""
+    root = _copy(base, "longer-train")
+    longer = write_csv(base["work"] / "longer_train.csv", sentiment_rows(80, seed=3))
+    before = tree_hashes(root)
+    proc = run_cli("fit", "--config", str(base["cfg"]), "--trainer.default_root_dir", str(root), "--ckpt_path", "last",
+                   "--trainer.max_epochs", "2", "--data.init_args.train_file", str(longer),
+                   "--accept_change", "train_data", timeout=900)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = _error(proc)
+    assert "epoch of 6 batches per process" in message and "this run's epochs have 8" in message
+    assert f"; the training data changed (train file {longer} changed (" in message and "rows 48 -> 60)" in message
+    assert tree_hashes(root) == before

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from . import __version__
@@ -29,9 +31,11 @@ from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
 from .training.module import MELoRAModule
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
-from .sources import gguf_source
+from .sources import gguf_source, vocabulary_size
 from .training.checkpoints import (
     ResumableCheckpoint,
+    RunFingerprint,
+    check_fingerprints,
     check_resume,
     read_checkpoint,
     refuse_code_settings,
@@ -73,6 +77,17 @@ class MELoRACLI(LightningCLI):
         # --optimizer/--lr_scheduler become the module's callables, built after configure_model
         parser.add_optimizer_args(link_to="model.optimizer")
         parser.add_lr_scheduler_args(link_to="model.lr_scheduler")
+        # in every subcommand's parser, so that a fit's config.yaml reads in validate too (it
+        # holds null there: an acceptance is for one command, never carried on by a config)
+        # the overwrite flag of every command (export, evaluate, report, generate: --overwrite)
+        parser.add_argument("--overwrite", action="store_true",
+                            help="predict: replace an existing predictions file (and a GLUE submission folder) "
+                                 "instead of refusing it (the same as --prediction_writer.overwrite true)")
+        part = Literal[ACCEPTABLE]  # type: ignore[valid-type]
+        parser.add_argument("--accept_change", type=Optional[Union[part, list[part]]], default=None,
+                            help="fit --ckpt_path: resume although the checkpoint was trained on other data or "
+                                 "another backbone (refused otherwise): train_data, val_data, backbone, or a list "
+                                 "([train_data, val_data])")
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -122,7 +137,14 @@ class MELoRACLI(LightningCLI):
         """The run folder, before anything is built or written (:func:`melora_lit.run.choose_run_folder`);
         the loggers are given its ``version``."""
         self._keep_typed_model_settings()
-        self._choice = choose_run_folder(self._subconfig(), self.subcommand, self._read_checkpoint,
+        cfg = self._subconfig()
+        check_trainer_settings(cfg.get("trainer"))  # values Lightning would take with a traceback, or silently
+        accept = cfg.get("accept_change") or []
+        self._accept = [accept] if isinstance(accept, str) else list(accept)
+        cfg["accept_change"] = None  # not saved in config.yaml
+        if cfg.get("overwrite"):  # for this command only, as --accept_change
+            cfg.prediction_writer.overwrite, cfg["overwrite"] = True, False
+        self._choice = choose_run_folder(cfg, self.subcommand, self._read_checkpoint,
                                          is_global_zero=rank_zero_only.rank == 0)
 
     def after_instantiate_classes(self) -> None:
@@ -139,13 +161,35 @@ class MELoRACLI(LightningCLI):
             root = cfg.trainer.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = TensorBoardLogger(save_dir=root, version=version)  # Lightning's default
         trainer = super().instantiate_trainer(**kwargs)
+        if self._choice.run_folder_logger:  # W&B, MLflow...: the run folder (config, checkpoints, metrics.csv) first
+            root = cfg.trainer.get("default_root_dir") or os.getcwd()
+            trainer.loggers = [CSVLogger(save_dir=root, name="lightning_logs", version=version), *trainer.loggers]
         use_atomic_checkpoint_io(trainer)
         if not trainer.loggers:  # --trainer.logger false: nothing to log learning rates to
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         return trainer
 
+    def _check_data(self, stage: str) -> None:
+        """The data of ``stage`` read and checked (files, encodings, max_length), and the tokenizer
+        against the backbone's token embeddings, before the trainer writes anything."""
+        from .data.base import MELoRADataModule
+
+        if isinstance(self.datamodule, MELoRADataModule):
+            self.datamodule.setup(stage)
+            check_vocabulary(self.datamodule.tokenizer_name, self.datamodule.tokenizer, self.model.backbone_source)
+
+    def before_validate(self) -> None:
+        self._check_data("validate")
+
+    def before_test(self) -> None:
+        self._check_data("test")
+
+    def before_predict(self) -> None:
+        self._check_data("predict")
+
     def before_fit(self) -> None:
         # everything that can refuse the run, before fit writes anything into a run folder
+        self._check_data("fit")
         path = self.config_init[self.subcommand].get("ckpt_path")
         done = None
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
@@ -154,9 +198,21 @@ class MELoRACLI(LightningCLI):
             check_resume_checkpoint(ckpt, self.trainer.world_size)  # mid-epoch: the same number of processes
             from .data.base import MELoRADataModule
 
-            if isinstance(self.datamodule, MELoRADataModule):  # its data, read once, before anything is written
-                self.datamodule.setup("fit")
-                check_resume_data(ckpt, self.datamodule.train_dataloader(), self.trainer.world_size)
+            ours = isinstance(self.datamodule, MELoRADataModule)  # its data was read by _check_data
+            # the data and the backbone the checkpoint was trained on, then the epochs' length
+            recorder = next((c for c in self.trainer.callbacks if isinstance(c, RunFingerprint)), RunFingerprint())
+            accepted = check_fingerprints(path, ckpt, recorder.measure(self.datamodule, self.model), self._accept)
+            if ours:
+                try:
+                    check_resume_data(ckpt, self.datamodule.train_dataloader(), self.trainer.world_size)
+                except ValueError as err:
+                    changed = [what for part, what in accepted if part == "train_data"]
+                    if not changed:
+                        raise
+                    raise ValueError(f"{err}; the training data changed ({changed[0]})") from None
+            if self.trainer.is_global_zero:
+                for part, what in accepted:
+                    print(f"melora-lit: --accept_change {part}: {what}", file=sys.stderr)
             done = finished_run(ckpt, self.trainer.max_epochs, self.trainer.max_steps)
         for callback in self.trainer.checkpoint_callbacks:
             option = "checkpoint.monitor" if isinstance(callback, ResumableCheckpoint) else \
@@ -181,8 +237,68 @@ class MELoRACLI(LightningCLI):
                 print(f"melora-lit: after {self.trainer.global_step} steps: {shown}", file=sys.stderr)
 
 
+#: What ``fit --accept_change`` may accept of a resumed checkpoint (melora_lit.fingerprint).
+ACCEPTABLE = ("train_data", "val_data", "backbone")
+
 #: ``--ckpt_path`` values that are not a path.
 CKPT_KEYWORDS = (LAST, LAST_OR_NEW, "best", "hpc", "registry")
+
+_DEVICES_HELP = "use a number of devices (1, 2, ...; -1 for all), device indices (0,1 or [0, 1]: GPUs) or auto"
+
+
+def check_trainer_settings(trainer: Any) -> None:
+    """Refuse (one-line ``ValueError``), before the run folder is made, trainer settings that
+    Lightning takes with a traceback, or not at all: an unknown accelerator name, a ``devices``
+    value that is no count, index list or ``auto``, device indices on the CPU, an
+    ``accumulate_grad_batches`` below 1 (0 divides by zero, a negative one trains as 1)."""
+    if trainer is None:
+        return
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str):
+        names = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+        if accelerator not in names:
+            raise ValueError(f"trainer.accelerator={accelerator!r} is not valid; use one of {', '.join(names)}")
+    devices = trainer.get("devices")
+    indices = _device_indices(devices)
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                   and not torch.backends.mps.is_available())
+    if indices is not None and cpu:
+        raise ValueError(f"trainer.devices={devices!r} names device indices ({', '.join(map(str, indices))}), which "
+                         f"the CPU does not have; on the CPU give a number of processes (e.g. 1 or 2)")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1):
+        raise ValueError(f"trainer.accumulate_grad_batches={accumulate!r} is not valid; use an integer >= 1 (the "
+                         f"batches whose gradients add up to one optimizer step)")
+
+
+def _device_indices(devices: Any) -> list[int] | None:
+    """The device indices a ``devices`` value names (``0,1``, ``3,``, ``[0, 1]``), None for a count
+    or ``auto``; a one-line ``ValueError`` for anything else (Lightning's ``int()`` traceback)."""
+    if isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1):
+        return None
+    if isinstance(devices, list) and devices and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                     for d in devices):
+        return devices
+    text = devices.strip() if isinstance(devices, str) else None
+    if text is not None and (text == "auto" or re.fullmatch(r"-1|[1-9]\d*", text)):
+        return None
+    if text is not None and "," in text and re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text):
+        return [int(part) for part in text.split(",") if part.strip()]
+    raise ValueError(f"trainer.devices={devices!r} is not valid; {_DEVICES_HELP}")
+
+
+def check_vocabulary(tokenizer_name: str | None, tokenizer: Any, source: Any) -> None:
+    """Refuse (one-line ``ValueError``) a tokenizer with more tokens than the backbone (``source``,
+    a :class:`~melora_lit.training.tasks.BackboneSource`) has token embeddings: its larger ids
+    would fail the first forward deep in the embedding lookup."""
+    rows = vocabulary_size(source.model_name_or_path, source.gguf_file)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens, more than the {rows} token "
+                         f"embeddings (vocab_size) of model {source.model_name_or_path!r}: its ids >= {rows} have no "
+                         f"embedding; use the model's own tokenizer (data.init_args.tokenizer) or a model of its "
+                         f"vocabulary")
 
 
 def _check_monitor(monitor: str | None, model: Any, datamodule: Any, option: str = "checkpoint.monitor") -> None:
@@ -273,7 +389,8 @@ def _task(args: list[str]) -> str | None:
 _EXPORT_HELP = ("melora-lit export --ckpt_path CKPT --output_dir DIR [--format merged|adapter|peft|all]: "
                 "a merged transformers model, the adapter or a PEFT LoRA adapter from a checkpoint "
                 "(melora-lit export --help). melora-lit report RUN_DIR [RUN_DIR ...] --output DIR: a Markdown "
-                "table and a plot comparing runs (melora-lit report --help)")
+                "table and a plot comparing runs (melora-lit report --help). melora-lit generate --ckpt_path CKPT "
+                "[--prompt TEXT]: replies of a causal LM, or a chat on stdin (melora-lit generate --help)")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
@@ -296,6 +413,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MELoRACLI:
         from .report import report_main
 
         return report_main(args[1:])  # type: ignore[return-value]
+    if args and args[0] == "generate":  # talk to a causal LM
+        from .generate import generate_main
+
+        return generate_main(args[1:])  # type: ignore[return-value]
     return _run_cli(_with_default_config(args), run)
 
 
@@ -309,7 +430,9 @@ def _run_cli(args: list[str], run: bool) -> MELoRACLI:
         # always on, not configurable: RNG states and the loader position, back on resume
         # and a learning rate found by LearningRateFinder is the one the run trains with
         # and validate/test/predict stop on SIGTERM/SIGUSR1 (exit 3) and SIGINT (exit 130)
-        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate(), StopOnSignal()]},
+        # and every checkpoint records the data and backbone it was trained on
+        trainer_defaults={"callbacks": [ExactResume(), ApplyFoundLearningRate(), StopOnSignal(),
+                                        RunFingerprint()]},
         args=args,
         run=run,
     )
@@ -325,7 +448,7 @@ def main(args: list[str] | None = None) -> None:
     def command() -> None:
         # from here a stop signal stops the command at its first safe point (melora_lit.run); the
         # commands without a trainer stop where they are, removing what they were writing
-        preemption.install(raise_on_signal=bool(args) and args[0] in ("export", "evaluate", "report"))
+        preemption.install(raise_on_signal=bool(args) and args[0] in ("export", "evaluate", "report", "generate"))
         cpu_kernels.kernels_setting()  # a bad MELORA_LIT_CPU_KERNELS fails here, not at the first step
         check_config_files(args)
         cli_main(args)

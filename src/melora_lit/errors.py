@@ -14,9 +14,12 @@ Imports only the standard library (and yaml, lazily), so any module may use it.
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import errno
 import json
 import os
+import pydoc
 import re
 import tempfile
 import types
@@ -24,9 +27,9 @@ from pathlib import Path
 
 __all__ = [
     "EXIT_ENVIRONMENT", "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "EXIT_USAGE", "ModelSourceError",
-    "OneLineArgumentParser", "check_config_files",
+    "OneLineArgumentParser", "check_config_files", "check_utf8",
     "check_writable", "data_file_error", "describe", "error_exit", "first_line", "hub_offline",
-    "offline_hint", "parser_message", "root_cause",
+    "not_found", "offline_hint", "parser_message", "root_cause",
 ]
 
 EXIT_USAGE = 2
@@ -133,6 +136,28 @@ def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
+def check_utf8(path: str | os.PathLike) -> None:
+    """Refuse (one-line ``ValueError``: :func:`data_file_error`'s ``cannot read FILE: line N ...``)
+    a text data file that is not UTF-8: some readers (JSON lines) take its bytes silently."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(Path(path).expanduser(), "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ValueError(data_file_error(path, err)) from None
+
+
+def not_found(what: str, path: str | os.PathLike) -> str:
+    """``WHAT not found: PATH``, saying for a relative PATH where it was looked for: the current
+    folder, not the folder of the config file that gave it (paths are taken as written)."""
+    if Path(path).expanduser().is_absolute():
+        return f"{what} not found: {path}"
+    return (f"{what} not found: {path} (a relative path is resolved against the current folder {Path.cwd()}, "
+            f"not against the config file's folder: give an absolute path, or run from the folder it is relative to)")
+
+
 def data_file_error(path: str | os.PathLike, err: BaseException) -> str:
     """What is wrong with a data file that could not be read, with the line where the reader's
     error says or where it can be found: ``cannot read FILE: line N ...``."""
@@ -230,20 +255,33 @@ def parser_message(message: str) -> str:
         return lines[0]
     key, rest = head.groups()
     text = "\n".join([rest, *lines[1:]])
+    # a subclass's own argument (--data.init_args.task) is reported inside its class_path's
+    # report: named as typed, not as the subclass option (data)
+    sub = re.search(r"Problem with given class_path '([^']*)':\s*Parser key \"([^\"]+)\"", text)
+    if sub is not None and not dataclasses.is_dataclass(pydoc.locate(sub.group(1))):  # a dataclass has no init_args
+        key = f"{key}.init_args.{sub.group(2)}"
+    else:
+        sub = None
     # A union (e.g. a dataclass or None) reports its member's error under a nested key: the
     # innermost key and its expected type say what is wrong (model.melora.r, not model.melora).
     nested = re.search(r'Parser key "([^"]+)":\s*\n?\s*Expected a <class \'(\w+)\'>\. Got value: (.*)', text)
     if nested is not None:
         inner, type_name, value = nested.groups()
         wanted = _TYPE_WORDS.get(type_name, f"a {type_name}")
-        return f"{key}.{inner}={value.strip()} is not valid; use {wanted}"
+        return f"{key if sub is not None else f'{key}.{inner}'}={value.strip()} is not valid; use {wanted}"
     given = re.search(r"(?:Given|Got) value:\s*(.*)", text)
     # the allowed names, from the Literal types jsonargparse tried
     choices: list[str] = []
     for inner in re.findall(r"Expected a typing\.Literal\[(.*?)\](?:\.|$)", text, flags=re.M):
         choices += [c for c in (x.strip().strip("'") for x in inner.split(",")) if c and c not in choices]
     if given is not None:
-        hint = f"; use one of {', '.join(choices)}" if choices else f": {(rest or lines[1]).split('. Got')[0]}"
+        plain = re.search(r"Expected a <class '(\w+)'>", text)
+        if choices:
+            hint = f"; use one of {', '.join(choices)}"
+        elif plain is not None and plain.group(1) in _TYPE_WORDS:
+            hint = f"; use {_TYPE_WORDS[plain.group(1)]}"
+        else:
+            hint = f": {(rest or lines[1]).split('. Got')[0]}"
         return f"{key}={given.group(1).strip()!r} is not valid{hint}"
     return f"{key}: {error_line(text)}"
 
@@ -269,9 +307,11 @@ def _path_of(err: OSError) -> str | None:
     return None
 
 
-def error_exit(err: BaseException) -> tuple[str, int]:
+def error_exit(err: BaseException, after_fault: str = "earlier checkpoints are kept: free space and rerun with "
+               "--ckpt_path last") -> tuple[str, int]:
     """The one line (after ``melora-lit: error: ``) and the exit status for an exception that
-    ends a run: :data:`EXIT_ENVIRONMENT` for a full disk and I/O faults, else :data:`EXIT_USAGE`."""
+    ends a run: :data:`EXIT_ENVIRONMENT` for a full disk and I/O faults (then ``after_fault``: what
+    is left and what to do; ``fit``'s by default), else :data:`EXIT_USAGE`."""
     if isinstance(err, OSError) and err.errno is not None:
         path = _path_of(err)
         cause = err.strerror or first_line(err)
@@ -279,8 +319,7 @@ def error_exit(err: BaseException) -> tuple[str, int]:
         verb = "cannot write" if err.errno in _WRITE_ERRNOS else "cannot access"
         where = f"{verb} {path}" if path else f"{verb} a file"
         if err.errno in _ENVIRONMENT_ERRNOS:
-            return (f"{where}: {cause} [{code}] (disk full or a size limit reached); earlier checkpoints "
-                    "are kept: free space and rerun with --ckpt_path last", EXIT_ENVIRONMENT)
+            return f"{where}: {cause} [{code}] (disk full or a size limit reached); {after_fault}", EXIT_ENVIRONMENT
         if err.errno == errno.ENOTDIR and path:
             blocking = next((p for p in Path(path).parents if p.is_file()), None)
             if blocking is not None:

@@ -4,7 +4,9 @@ The checkpoint's model is rebuilt (backbone from its source, adapter from the ch
 ``export`` does), its MELoRA updates merged into the weights (unless ``--no_merge``), and handed
 to lm-eval's Hugging Face model wrapper (``lm_eval.models.huggingface.HFLM``) with the run's
 tokenizer (and the named chat template of the run's data, if it used one). The results JSON that
-``lm_eval.simple_evaluate`` returns is written next to the run: ``RUN/lm_eval/results_CKPT.json``.
+``lm_eval.simple_evaluate`` returns is written next to the run: ``RUN/lm_eval/results_CKPT.json``
+(or ``--output_path``, a ``.json`` file), whole or not at all; an existing one is replaced only with
+``--overwrite``, and never one that is an input, a checkpoint or in another run's folder.
 
 Tasks are lm-eval task names (``hellaswag``, ``arc_easy``: these download their data) or names
 of task YAMLs in ``--include_path`` folders (a YAML can read a local JSON file with
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OneLineArgumentParser
+from .run import check_output, check_protected, remove_stale_temp_files, staged
 
 __all__ = ["evaluate_checkpoint", "evaluate_main"]
 
@@ -44,13 +47,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate with the adapter layers as they are instead of merged into the weights")
     p.add_argument("--output_path", default=None,
                    help="results JSON file (default: RUN/lm_eval/results_CKPT.json next to the checkpoint's run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     return p
 
 
-def _default_output(ckpt_path: str) -> Path:
+def _run_of(ckpt_path: str) -> Path:
     ckpt = Path(ckpt_path)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run / "lm_eval" / f"results_{ckpt.stem}.json"
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _default_output(ckpt_path: str) -> Path:
+    return _run_of(ckpt_path) / "lm_eval" / f"results_{Path(ckpt_path).stem}.json"
 
 
 def _run_chat_template(config: str | None) -> str | None:
@@ -83,9 +90,19 @@ def evaluate_checkpoint(
     apply_chat_template: bool = False,
     merge: bool = True,
     output_path: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval on the checkpoint's adapted model; returns its results dict (also written as
-    JSON to ``output_path``, by default next to the run)."""
+    JSON to ``output_path``, by default next to the run; an existing file only with ``overwrite``)."""
+    out, run = Path(output_path) if output_path else _default_output(ckpt_path), _run_of(ckpt_path)
+    # before anything is read: the checkpoint's own run may hold its results (the default), no other run
+    check_output(out, "output_path", overwrite, suffixes=(".json",), current=run,
+                 inputs=[("--ckpt_path", ckpt_path), ("--config", config),
+                         *(("--include_path", folder) for folder in include_path or [])])
+    from .training.checkpoints import read_checkpoint
+
+    recorded = (read_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("model_name_or_path")
+    check_protected(out, "output_path", [("model_name_or_path recorded in the checkpoint", recorded)], run)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -118,7 +135,6 @@ def evaluate_checkpoint(
         raise ValueError(f"evaluate: unknown task(s) {', '.join(unknown)}: not an lm-eval task{where}")
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval reads a float as a fraction
-    out = Path(output_path) if output_path else _default_output(ckpt_path)
 
     module = load_checkpoint_model(ckpt_path, config)
     hp = module.hparams
@@ -139,10 +155,9 @@ def evaluate_checkpoint(
                                       log_samples=False)
     results["config"]["melora_lit"] = {"ckpt_path": str(ckpt_path), "merged": merge,
                                        "model_name_or_path": hp.model_name_or_path}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable), encoding="utf-8")
-    tmp.replace(out)
+    remove_stale_temp_files(out.parent)  # what a killed evaluate left
+    with staged(out, "w", encoding="utf-8") as f:
+        f.write(json.dumps(results, indent=2, default=handle_non_serializable))
     print(make_table(results))
     print(f"melora-lit: wrote lm-eval results to {out}")
     return results
@@ -153,7 +168,7 @@ def evaluate_main(args: Sequence[str]) -> dict[str, Any]:
     opts = _parser().parse_args(list(args))
     return evaluate_checkpoint(opts.ckpt_path, opts.tasks.split(","), opts.config, opts.include_path,
                                opts.num_fewshot, opts.limit, opts.batch_size, opts.device,
-                               opts.apply_chat_template, not opts.no_merge, opts.output_path)
+                               opts.apply_chat_template, not opts.no_merge, opts.output_path, opts.overwrite)
 
 
 if __name__ == "__main__":  # python -m melora_lit.evaluate ...: as melora-lit evaluate ...

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ModelSourceError, OneLineArgumentParser, first_line
-from .run import check_output
+from .run import check_output, check_protected, remove_stale_temp_files, staged_folder
+from .sources import BaseDescription
 
 FORMATS = ("merged", "adapter", "peft")
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the run's config.yaml; its model settings are used where the checkpoint has none")
     p.add_argument("--model_name_or_path", default=None,
                    help="load the backbone from here instead of the source recorded in the checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (whole)")
     return p
 
 
@@ -111,22 +112,30 @@ def export_checkpoint(
     """Write the exports of a checkpoint; returns ``{format: folder}``.
 
     With ``format="all"`` the folders are ``output_dir/merged``, ``output_dir/adapter`` and
-    ``output_dir/peft``; with one format, ``output_dir`` itself.
+    ``output_dir/peft``; with one format, ``output_dir`` itself. ``output_dir`` is written whole or
+    not at all (:func:`~melora_lit.run.staged_folder`); an existing non-empty one is replaced only
+    with ``overwrite``, and never one that is, lies inside or holds the checkpoint, the config, the
+    backbone's folder or a run's folder (:func:`~melora_lit.run.check_output`).
     """
     from transformers import AutoTokenizer
 
     from .adapter import export_peft_lora, save_adapter
     from .adapter import merge_melora
     from .adapter.quantize import dequantize_model
-    from .sources import PACKAGE_PREFIX, gguf_source, locate_gguf, resolve_pretrained
+    from .sources import describe_base, gguf_source, resolve_pretrained
     from .training.checkpoints import read_checkpoint
 
     if format not in (*FORMATS, "all"):
         raise ValueError(f"format={format!r} is not valid; use one of {', '.join(FORMATS)}, all")
     out = Path(output_dir)
-    check_output(out, "output_dir", overwrite, folder=True)  # before the model is loaded
+    inputs = [("--ckpt_path", ckpt_path), ("--config", config), ("--model_name_or_path", model_name_or_path)]
+    check_output(out, "output_dir", overwrite, folder=True, inputs=inputs)  # before anything is read
+    ckpt = read_checkpoint(ckpt_path)  # once, for the recorded backbone and every model card
+    if model_name_or_path is None:  # the backbone it records is an input too, before it is loaded
+        recorded = (ckpt.get("hyper_parameters") or {}).get("model_name_or_path")
+        check_protected(out, "output_dir", [("model_name_or_path recorded in the checkpoint", recorded)],
+                        replaced=overwrite)
     formats = list(FORMATS) if format == "all" else [format]
-    targets = {f: (out / f if format == "all" else out) for f in formats}
 
     try:
         module = load_checkpoint_model(ckpt_path, config, model_name_or_path)
@@ -138,28 +147,58 @@ def export_checkpoint(
     hp = module.hparams
     source = gguf_source(hp.model_name_or_path, hp.get("gguf_file"))
     resolved = resolve_pretrained(hp.model_name_or_path, hp.get("gguf_file"))
-    # what other tools can load: package and GGUF sources only exist as their local folder
-    loadable = resolved if source.startswith(PACKAGE_PREFIX) or locate_gguf(source) else source
+    # for other tools: the hub id where there is one, else what the base was (a GGUF file and its
+    # quantization, a package's model: not their cache path on this machine)
+    base = describe_base(hp.model_name_or_path, hp.get("gguf_file"))
+    loadable = base.hub_id or base.text
     model = module.model
-    written: dict[str, Path] = {}
-    if "adapter" in targets:
-        written["adapter"] = save_adapter(model, targets["adapter"], module.melora_config,
-                                          base_model_name_or_path=source)
-    if "peft" in targets:
-        written["peft"] = export_peft_lora(model, targets["peft"], module.melora_config,
-                                           base_model_name_or_path=loadable)
-    if "merged" in targets:  # last: merging replaces the adapted layers
-        merge_melora(model)
-        dequantize_model(model)  # a quantized backbone's layers MELoRA did not adapt
-        target = targets["merged"]
-        model.save_pretrained(target)
-        AutoTokenizer.from_pretrained(resolved).save_pretrained(target)
-        written["merged"] = target
-    ckpt = read_checkpoint(ckpt_path)  # once for every model card
+    remove_stale_temp_files(out.parent)  # what a killed export left
+    with staged_folder(out) as staging:  # every format whole, or nothing
+        targets = {f: (staging / f if format == "all" else staging) for f in formats}
+        if "adapter" in targets:
+            save_adapter(model, targets["adapter"], module.melora_config, base_model_name_or_path=source)
+        if "peft" in targets:
+            export_peft_lora(model, targets["peft"], module.melora_config, base_model_name_or_path=loadable)
+        if "merged" in targets:  # last: merging replaces the adapted layers
+            merge_melora(model)
+            dequantize_model(model)  # a quantized backbone's layers MELoRA did not adapt
+            model.save_pretrained(targets["merged"])
+            AutoTokenizer.from_pretrained(resolved).save_pretrained(targets["merged"])
+        for name, path in targets.items():
+            write_model_card(path, name, ckpt_path, config, base=base, ckpt=ckpt)
+    written = {name: (out / name if format == "all" else out) for name in targets}
     for name, path in written.items():
-        write_model_card(path, name, ckpt_path, config, base_model=loadable, ckpt=ckpt)
         print(f"melora-lit: wrote {name} to {path}")
     return written
+
+
+def _usage(kind: str, base: BaseDescription, causal: bool, melora: dict[str, Any]) -> list[str]:
+    """Copy-paste snippets for a model card: loading this folder with transformers, PEFT or
+    melora_lit, and serving it with vLLM (causal LMs)."""
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    name = base.hub_id or "BASE_MODEL"
+    where = "" if base.hub_id else f"  # BASE_MODEL: {base.text}"
+    if kind == "merged":
+        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer" if causal else
+                "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+        serve = ["vllm serve path/to/this/folder"]
+    elif kind == "peft":
+        code = [f"from peft import PeftModel", f"from transformers import {auto}", "",
+                f'base = {auto}.from_pretrained("{name}"){where}',
+                'model = PeftModel.from_pretrained(base, "path/to/this/folder")']
+        rank = (melora.get("n") or 1) * (melora.get("r") or 1)
+        serve = [f"vllm serve {name} --enable-lora --max-lora-rank {max(8, 1 << (rank - 1).bit_length())} "
+                 f"--lora-modules melora=path/to/this/folder{where}"]
+    else:
+        code = ["from melora_lit import load_adapter", f"from transformers import {auto}", "",
+                f'model = load_adapter({auto}.from_pretrained("{name}"), "path/to/this/folder"){where}']
+        serve = []
+    lines = ["```python", *code, "```"]
+    if causal and serve:
+        lines += ["", "```bash", *serve, "```"]
+    return lines
 
 
 # the data module arguments a model card names: where the training data came from
@@ -195,23 +234,28 @@ def _best_metric(ckpt: dict[str, Any]) -> tuple[str, float, int | None] | None:
 
 
 def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None = None,
-                     base_model: str | None = None, ckpt: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/README.md``, a Hugging Face model card: YAML front matter (``base_model``,
+                     base: BaseDescription | None = None, ckpt: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/README.md``, a Hugging Face model card: YAML front matter (``base_model``
+    where the base has a hub id, ``license`` as the base's files declare it, else ``other``,
     ``library_name``: ``transformers`` for ``merged``, ``peft`` for ``peft``, ``melora-lit`` for
-    ``adapter``; ``tags``, ``pipeline_tag``), then the MELoRA settings (n, r, alpha, targets),
-    the training data (the data module's class and files or task, from the run's config) and the
-    best validation metric (the checkpoint's ModelCheckpoint state, else ``hp_metric``).
-    ``ckpt``: the checkpoint as already read (else it is read from ``ckpt_path``)."""
+    ``adapter``; ``tags``, ``pipeline_tag``), what the base was, copy-paste usage (transformers,
+    PEFT, vLLM for a causal LM, melora_lit), then the MELoRA settings (n, r, alpha, targets), the
+    training data (the data module's class and files or task, from the run's config) and the best
+    validation metric (the checkpoint's ModelCheckpoint state, else ``hp_metric``). ``base``: the
+    backbone as :func:`~melora_lit.sources.describe_base` gives it (else described from the
+    checkpoint); ``ckpt``: the checkpoint as already read (else it is read from ``ckpt_path``)."""
     import yaml
 
+    from .sources import describe_base
     from .training.checkpoints import read_checkpoint
 
     ckpt = ckpt if ckpt is not None else read_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") or {}
     melora = (ckpt.get("melora") or {}).get("config") or hparams.get("melora") or {}
-    base_model = base_model or hparams.get("model_name_or_path")
+    base = base or describe_base(hparams.get("model_name_or_path") or "unknown", hparams.get("gguf_file"))
     causal = hparams.get("task") == "causal-lm"
-    front: dict[str, Any] = {"base_model": base_model, "library_name": _LIBRARY[kind],
+    front: dict[str, Any] = {**({"base_model": base.hub_id} if base.hub_id else {}),
+                             "license": base.license or "other", "library_name": _LIBRARY[kind],
                              "tags": ["melora", "lora", "melora-lit", "lightning"],
                              "pipeline_tag": "text-generation" if causal else "text-classification"}
     data = _run_config(ckpt_path, config).get("data") or {}
@@ -227,11 +271,14 @@ def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None
             "peft": "the MELoRA adapter as a PEFT LoRA adapter of rank n·r (`PeftModel.from_pretrained`)",
             "adapter": "the melora-lit adapter folder (`melora_lit.load_adapter`)"}[kind]
     targets = ", ".join(f"`{t}`" for t in melora.get("target_modules") or []) or "-"
+    license_note = "" if base.license else " The base model's license is not recorded here: check it before use."
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {Path(str(base_model)).name} fine-tuned with MELoRA", "",
+        f"# {Path(str(base.hub_id or hparams.get('model_name_or_path'))).name} fine-tuned with MELoRA", "",
         f"This folder holds {what}, exported by `melora-lit export` from `{Path(ckpt_path).name}` "
         f"(step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}).", "",
+        f"Base model: {base.text}.{license_note}", "",
+        "## Usage", "", *_usage(kind, base, causal, melora), "",
         "## MELoRA", "",
         "| n | r | alpha | equivalent rank n·r | target modules | modules saved in full |",
         "|---|---|---|---|---|---|",

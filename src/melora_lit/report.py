@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import OneLineArgumentParser, first_line
-from .run import check_output, remove_stale_temp_files, staged
+from .errors import OneLineArgumentParser, check_writable, first_line
+from .run import check_protected, remove_stale_temp_files, staged
 
 __all__ = ["RunSummary", "find_runs", "read_run", "build_report", "report_main"]
 
@@ -412,8 +412,9 @@ def build_report(run_dirs: Sequence[str | Path], output: str | Path, overwrite: 
         raise ValueError("report: give at least one run folder")
     out = Path(output)
     names = ("report.md", "report.csv", "report.png")
-    # the folder may hold other files: only the report's own are protected
-    check_output(out, "report --output", True, folder=True)
+    # the folder may hold other files: only the report's own are replaced; not in a run folder it reads
+    check_protected(out, "report --output", [("RUN_DIR", d) for d in run_dirs])
+    check_writable(out, "report --output")
     existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise ValueError(f"report --output {output} already holds {', '.join(existing)}; pass --overwrite to "

@@ -3,10 +3,13 @@ folder is, how an output is written, and what a signal or a failure makes of the
 
 * **Outputs** (every command): :func:`check_output` refuses, before any work, an existing output
   without ``--overwrite`` (the same flag and meaning everywhere), an extension the writer does
-  not know, a path that cannot be written. :func:`staged` writes a file whole or not at all: to a
-  temporary sibling (:func:`temp_sibling`), flushed, renamed into place; a killed write leaves only
-  that sibling, which the next run removes (:func:`remove_stale_temp_files`). A staged file is
-  created with ``open``, so it gets the permissions a plain write under the user's umask gives.
+  not know, a path that cannot be written, and (:func:`check_protected`) one that is, lies inside
+  or would replace an input of the command, a checkpoint or another run's folder; :func:`check_name`
+  a name from a config that would leave its folder. :func:`staged` writes a file, :func:`staged_folder`
+  a folder, whole or not at all: to a temporary sibling (:func:`temp_sibling`), flushed, renamed
+  into place; a killed write leaves only that sibling, which the next run removes
+  (:func:`remove_stale_temp_files`). Staged outputs get the permissions a plain write under the
+  user's umask gives; a full disk while writing one is an ``OSError`` naming it (exit status 74).
 * **Run folders** (``fit``, ``validate``, ``test``, ``predict``): each run gets its own
   ``version_N``, made atomically (:func:`allocate_version`); ``--ckpt_path last``/``auto`` find
   the newest run's ``last*.ckpt`` (:func:`find_last`); :func:`choose_run_folder` is the whole
@@ -16,7 +19,8 @@ folder is, how an output is written, and what a signal or a failure makes of the
 * **Signals**: :data:`preemption`, the process-wide policy (SIGTERM/SIGUSR1 stop a command at
   the next safe point: ``fit`` after a resumable save, the others with nothing written; a signal
   during start-up stops the command before it starts); :class:`StopOnSignal` for ``validate``,
-  ``test`` and ``predict``.
+  ``test`` and ``predict``; :func:`worker_init` for DataLoader workers, which ignore the signals
+  a scheduler sends to the whole process group (the main process decides).
 * **Exit statuses**: :func:`run_command` turns what a command raised into one
   ``melora-lit: error:`` line and the status (the values live in :mod:`melora_lit.errors`).
 
@@ -25,6 +29,9 @@ Imports nothing from :mod:`melora_lit.training` (which uses it), so every layer 
 
 from __future__ import annotations
 
+import errno
+import functools
+import itertools
 import os
 import re
 import shutil
@@ -42,9 +49,12 @@ from typing import IO, Any
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, check_writable, error_exit
 
 __all__ = [
-    "LAST", "LAST_OR_NEW", "RunChoice", "TMP_PREFIX", "allocate_version", "check_output", "choose_run_folder",
-    "died_in_first_write", "find_last", "finished_run", "preemption", "process_alive", "remove_failed_run",
-    "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged", "temp_sibling", "version_of",
+    "LAST", "LAST_OR_NEW", "PREDICTION_SUFFIXES", "RunChoice", "TMP_PREFIX", "allocate_version", "check_name",
+    "check_output", "check_protected", "check_run_outputs", "choose_run_folder", "command_inputs",
+    "died_in_first_write", "find_last", "finished_run", "is_run_folder", "preemption", "process_alive",
+    "remove_failed_run", "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged",
+    "staged_folder", "temp_sibling", "version_of",
+    "WorkerInit", "worker_init",
 ]
 
 # ============================================================================= outputs
@@ -56,11 +66,15 @@ _TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}(.+)-(\d+)-[0-9a-f]+")
 
 
 def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folder: bool = False,
-                 suffixes: Sequence[str] = (), overwrite_option: str = "--overwrite") -> None:
-    """Refuse (one-line ``ValueError``) to write the output ``path`` (given as ``option``) when it
-    exists (a file; a non-empty folder with ``folder``) and ``overwrite`` is off, when its
-    extension is not one of ``suffixes``, or when it cannot be written."""
+                 suffixes: Sequence[str] = (), overwrite_option: str = "--overwrite",
+                 inputs: Sequence[tuple[str, Any]] = (), current: str | os.PathLike | None = None) -> None:
+    """Refuse (one-line ``ValueError``) to write the output ``path`` (given as ``option``) where
+    :func:`check_protected` refuses it (``inputs`` and ``current`` go to it; a ``folder`` output
+    is replaced whole, so with ``overwrite`` it must not hold them either), when it exists (a file;
+    a non-empty folder with ``folder``) and ``overwrite`` is off, when its extension is not one of
+    ``suffixes``, or when it cannot be written."""
     target = Path(path).expanduser()
+    check_protected(path, option, inputs, current, replaced=folder and overwrite)
     if not folder and target.exists() and not target.is_file():
         check_writable(target, option, is_file=True)  # a folder or a device: says which
     if suffixes and not folder and target.suffix.lower() not in suffixes:
@@ -70,10 +84,67 @@ def check_output(path: str | os.PathLike, option: str, overwrite: bool, *, folde
         if target.exists() and not target.is_dir():
             raise ValueError(f"{option}={path!s} is a file; give a folder")
         if target.is_dir() and any(target.iterdir()) and not overwrite:
-            raise ValueError(f"{option}={path!s} is not empty; pass {overwrite_option} to write into it")
+            raise ValueError(f"{option}={path!s} is not empty; pass {overwrite_option} to replace it")
     elif target.exists() and not overwrite:  # a file (anything else was refused above)
         raise ValueError(f"{option}={path!s} exists; pass {overwrite_option} to replace it")
     check_writable(target, option, is_file=not folder)
+
+
+def check_protected(path: str | os.PathLike, option: str, inputs: Sequence[tuple[str, Any]] = (),
+                    current: str | os.PathLike | None = None, *, replaced: bool = False) -> None:
+    """Refuse (one-line ``ValueError``) an output ``path`` (given as ``option``) that is or lies
+    inside one of the command's ``inputs`` (``(option, path)`` pairs: data files and folders, the
+    checkpoint, the model folder), a checkpoint (``*.ckpt``, or a ``checkpoints`` folder holding
+    them), or the folder of a run other than ``current`` (:func:`is_run_folder`); with ``replaced``
+    (a folder that ``--overwrite`` replaces whole) also one that holds any of them."""
+    target = _real(path)
+    given = [(opt, p, _real(p)) for opt, p in inputs
+             if isinstance(p, (str, os.PathLike)) and str(p) and Path(p).expanduser().exists()]
+    own = _real(current) if current is not None else None
+    found = next((f"is the input {opt}" if target == where else f"lies inside the input {opt} ({p})"
+                  for opt, p, where in given if target == where or where in target.parents), None)
+    for folder in (target, *target.parents) if found is None else ():
+        what = _protected_kind(folder, own)
+        if what is not None:
+            found = f"is {what}" if folder == target else f"lies inside {what} {folder}"
+            break
+    if found is None and replaced and target.is_dir():
+        found = next((f"holds the input {opt} ({p})" for opt, p, where in given if target in where.parents), None)
+        inside = (Path(root, entry) for root, dirs, files in os.walk(target) for entry in (*dirs, *files))
+        found = found or next((f"holds {what} {entry}" for entry in inside
+                               if (what := _protected_kind(entry, own)) is not None), None)
+    if found is not None:
+        raise ValueError(f"{option}={path!s} {found}; outputs never go into inputs, checkpoints or other runs' "
+                         f"folders: write it elsewhere")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run's: a logger's ``version_N``, or one holding ``hparams.yaml`` or
+    ``checkpoints/*.ckpt`` (a run without a logger)."""
+    return folder.is_dir() and (_VERSION.fullmatch(folder.name) is not None or (folder / "hparams.yaml").is_file()
+                                or any((folder / "checkpoints").glob("*.ckpt")))
+
+
+def _protected_kind(path: Path, current: Path | None) -> str | None:
+    if path.name.endswith(".ckpt") and path.exists():
+        return "the checkpoint"
+    if path.name == "checkpoints" and path.is_dir() and any(path.glob("*.ckpt")):
+        return "the checkpoint folder"
+    if path != current and is_run_folder(path):
+        return "another run's folder"
+    return None
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_name(name: str | None, option: str, folder: str) -> None:
+    """Refuse (one-line ``ValueError``) a file name taken from a config (``option``) that would
+    place the file outside ``folder``, the folder it belongs to: an absolute path or a ``..`` part."""
+    if name is not None and (os.path.isabs(name) or ".." in Path(name).parts):
+        raise ValueError(f"{option}={name!r} would place a file outside {folder}; give a name without '..' parts "
+                         f"or a leading '/' (e.g. '{{epoch}}-{{step}}')")
 
 
 def temp_sibling(final: Path) -> Path:
@@ -95,11 +166,76 @@ def staged(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iter
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        _raise_machine_fault(err, final)
         raise
+    _sync_folder(final.parent)
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder output, whole or absent: the block writes into a temporary sibling folder
+    (:func:`temp_sibling`), renamed into place once the block ends without an error, replacing a
+    folder there (its caller checked ``--overwrite``). Before the rename every file and folder in
+    it gets the permissions a plain write under the umask gives (libraries write some files 0600)
+    and its data is flushed to disk. On an error the temporary folder is removed, ``path`` is as
+    it was, and a full disk a library reported only in its message (safetensors: "File too large
+    (os error 27)") is the ``OSError`` it is."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        _settle(tmp)
+        _publish(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_machine_fault(err, final)
+        raise
+    _sync_folder(final.parent)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``; a non-empty folder there (which a rename
+    cannot replace) is first renamed aside to a temp sibling and removed after."""
+    old = temp_sibling(final) if final.is_dir() and not final.is_symlink() and any(final.iterdir()) else None
+    if old is not None:
+        os.rename(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _settle(folder: Path) -> None:
+    mask = _umask()
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o666 & ~mask)
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask would change it for every thread for a moment
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _sync_folder(folder: Path) -> None:
     try:  # the rename itself is durable once the folder entry is
-        dir_fd = os.open(final.parent, os.O_RDONLY)
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -108,15 +244,36 @@ def staged(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iter
         pass
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) print an OS error
+_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _raise_machine_fault(err: BaseException, final: Path) -> None:
+    """A full disk (or size limit, quota, I/O error) while writing ``final``, as the ``OSError``
+    that names ``final`` (the temp file's name would mean nothing to the user)."""
+    if isinstance(err, OSError):
+        if err.errno in _FAULTS and not err.filename:
+            err.filename = str(final)
+        return
+    found = _OS_ERROR.search(str(err))
+    if found and int(found.group(1)) in _FAULTS:
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(final)) from err
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> None:
-    """Remove what killed writes of :func:`staged` left in ``folder``: temporary siblings of this
-    host whose process is gone. A write in progress (another process) is left alone."""
+    """Remove what killed writes of :func:`staged` and :func:`staged_folder` left in ``folder``:
+    temporary siblings of this host whose process is gone. A write in progress (another process)
+    is left alone."""
     host = socket.gethostname()
     for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):
         found = _TMP_NAME.fullmatch(tmp.name)
         if found and (found.group(1) != host or process_alive(int(found.group(2)))):
             continue
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def process_alive(pid: int) -> bool:
@@ -238,19 +395,26 @@ def remove_failed_run(folder: Path) -> bool:
     return True
 
 
-#: Run folders this process created (removed again if the command fails before its first checkpoint).
-_NEW_RUN_FOLDERS: list[Path] = []
+#: Run folders this process created, each with the folders made to hold it, innermost first
+#: (removed again if the command fails before its first checkpoint).
+_NEW_RUN_FOLDERS: list[tuple[Path, list[Path]]] = []
 
 
 def remove_new_run_folders() -> None:
-    """After a failed command: remove what it made, and only if it saved nothing."""
-    for folder in _NEW_RUN_FOLDERS:
-        remove_failed_run(folder)
+    """After a failed command: remove what it made, and only if it saved nothing (the folders
+    made to hold a run too, where that leaves them empty: a refused command creates nothing)."""
+    for folder, made in _NEW_RUN_FOLDERS:
+        if remove_failed_run(folder):
+            for parent in made:
+                try:
+                    parent.rmdir()
+                except OSError:  # another run's, or not empty
+                    break
     _NEW_RUN_FOLDERS.clear()
 
 
 _RUN_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # the loggers that write version_N run folders
-_OTHER_LOGGERS: list = []  # marker: loggers of other kinds only
+_OTHER_LOGGERS: list = []  # marker: loggers of other kinds only (W&B, MLflow, ...)
 
 
 @dataclass
@@ -261,6 +425,9 @@ class RunChoice:
 
     version: int | str | None = None
     restore: list[tuple[Any, str, Any]] = field(default_factory=list)
+    #: the run's loggers are all of other kinds (W&B, MLflow, ...): a CSVLogger of ``version``
+    #: under ``root/lightning_logs`` goes first, so that the run still has its folder
+    run_folder_logger: bool = False
 
 
 def choose_run_folder(cfg: Any, subcommand: str | None, read_checkpoint: Callable[[Path], Any],
@@ -274,12 +441,12 @@ def choose_run_folder(cfg: Any, subcommand: str | None, read_checkpoint: Callabl
     choice = RunChoice()
     if cfg is None or cfg.get("trainer") is None:
         return choice
+    check_run_outputs(cfg, subcommand)
     trainer = cfg.trainer
     root = Path(trainer.get("default_root_dir") or os.getcwd())
     specs = _logger_specs(trainer.get("logger"))
-    allocate = specs is not _OTHER_LOGGERS
-    if not allocate:
-        specs = []  # their own folders: "last" searches the default places, nothing is allocated
+    if specs is _OTHER_LOGGERS:  # W&B, MLflow, ...: the run's folder comes from a CSVLogger beside them
+        specs, choice.run_folder_logger = [], True
     log_root = _log_root(specs, root)
     dirpath = cfg.get("checkpoint", {}).get("dirpath")
     ckpt = cfg.get("ckpt_path")
@@ -315,13 +482,12 @@ def choose_run_folder(cfg: Any, subcommand: str | None, read_checkpoint: Callabl
         version: int | str | None = version_of(dead)  # started again in its own folder
     elif resumed_run is not None and log_root is not None and resumed_run.parent == log_root:
         version = version_of(resumed_run)
-    elif not allocate:
-        return choice
     elif not specs and SLURMEnvironment.detect() and SLURMEnvironment.job_id() is not None:
         version = SLURMEnvironment.job_id()  # Lightning's default: a requeued job keeps its folder
     elif is_global_zero and log_root is not None:
+        made = list(itertools.takewhile(lambda p: not p.exists(), (log_root, *log_root.parents)))
         version = allocate_version(log_root)
-        _NEW_RUN_FOLDERS.append(log_root / f"version_{version}")
+        _NEW_RUN_FOLDERS.append((log_root / f"version_{version}", made))
     else:
         # the other processes: only global rank 0 writes into the run folder, and Lightning's
         # ModelCheckpoint takes its folder from rank 0 (a broadcast)
@@ -331,6 +497,48 @@ def choose_run_folder(cfg: Any, subcommand: str | None, read_checkpoint: Callabl
         choice.restore.append((spec.init_args, "version", spec.init_args.get("version")))
         spec.init_args.version = version
     return choice
+
+
+#: The formats of a predictions file, by extension.
+PREDICTION_SUFFIXES = (".csv", ".jsonl")
+
+
+def check_run_outputs(cfg: Any, subcommand: str | None) -> None:
+    """What a parsed ``fit``/``validate``/``test``/``predict`` will write, checked before the model
+    or the data is read: the checkpoint ``filename`` template stays in its folder (:func:`check_name`),
+    and ``predict``'s files (:func:`check_output`, with the command's inputs): the predictions file,
+    and the GLUE submission folder where a test split is predicted (``predict_split: test``)."""
+    check_name(_get(cfg, "checkpoint", "filename"), "checkpoint.filename", "the run's checkpoint folder")
+    output = _get(cfg, "prediction_writer", "output_file")
+    if subcommand != "predict" or not output:
+        return  # the default predictions file goes into the new run's folder
+    overwrite, flag = bool(_get(cfg, "prediction_writer", "overwrite")), "--overwrite"
+    inputs = command_inputs(cfg)
+    check_output(output, "prediction_writer.output_file", overwrite, suffixes=PREDICTION_SUFFIXES,
+                 overwrite_option=flag, inputs=inputs)
+    if (_get(cfg, "data", "init_args") or {}).get("predict_split") == "test":
+        folder = _get(cfg, "prediction_writer", "submission_dir") or Path(output).parent / "glue_submission"
+        check_output(folder, "prediction_writer.submission_dir", overwrite, folder=True, overwrite_option=flag,
+                     inputs=inputs)
+
+
+def command_inputs(cfg: Any) -> list[tuple[str, Any]]:
+    """What a parsed ``fit``/``validate``/``test``/``predict`` reads, as ``(option, path)``: the
+    checkpoint, the model source and the data module's files and folders (``*_file``, ``*_files``,
+    ``*_dir`` but its cache, a local ``dataset_name``)."""
+    found = [("--ckpt_path", cfg.get("ckpt_path")),
+             ("--model.model_name_or_path", _get(cfg, "model", "model_name_or_path"))]
+    args = _get(cfg, "data", "init_args")
+    for key, value in args.items() if hasattr(args, "items") else ():
+        name = key.rsplit(".", 1)[-1]
+        if name.endswith(("_file", "_files", "_dir")) and name != "cache_dir" or name == "dataset_name":
+            found += [(f"--data.init_args.{key}", v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return found
+
+
+def _get(cfg: Any, section: str, key: str) -> Any:
+    part = cfg.get(section)
+    return part.get(key) if part is not None and hasattr(part, "get") else None
 
 
 def _logger_specs(logger: Any) -> list | None:
@@ -484,6 +692,53 @@ class Preemption:
 preemption = Preemption()
 
 
+class WorkerInit:
+    """A DataLoader ``worker_init_fn`` that makes the worker ignore SIGTERM, SIGUSR1 and SIGINT,
+    then runs ``then`` (a user's own ``worker_init_fn``), if any. A scheduler (SLURM) or a
+    shell's Ctrl+C signals the whole process group: only the main process decides what a signal
+    does (:data:`preemption`); a worker that died of it (PyTorch's workers die of a SIGTERM that
+    their parent did not send) would end the run in an error instead of a save. Picklable, for
+    loaders whose workers are spawned."""
+
+    def __init__(self, then: Callable[[int], Any] | None = None) -> None:
+        self.then = then
+        _end_workers_at_exit()
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in (*_STOP_SIGNALS, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+@functools.cache
+def _end_workers_at_exit() -> None:
+    import atexit
+    import multiprocessing.util  # noqa: F401 - its exit handler is registered first: ours runs before it
+
+    atexit.register(_kill_workers_at_exit)
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit, multiprocessing ends the daemonic children that are left (DataLoader workers whose
+    loader was not shut down) with SIGTERM, which they ignore (:class:`WorkerInit`), then waits
+    for them: they get SIGKILL first, as PyTorch's own workers exit at once on their parent's
+    SIGTERM. PyTorch's SIGCHLD handler would report that as a worker failure: the default first."""
+    import multiprocessing
+
+    if in_main_thread() and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+def worker_init(then: Callable[[int], Any] | None = None) -> WorkerInit:
+    """The ``worker_init_fn`` of every DataLoader of this package (:class:`WorkerInit`), around
+    ``then`` (a user's own; one already wrapped is returned as it is)."""
+    return then if isinstance(then, WorkerInit) else WorkerInit(then)
+
+
 def _stop_on_signal_class():
     import lightning as L
     from lightning.pytorch.trainer.states import TrainerFn
@@ -576,7 +831,9 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
     except (ValueError, OSError, MisconfigurationException) as err:
         if debug:
             raise
-        line, status = error_exit(err)
+        # a machine fault: fit keeps its earlier checkpoints; every other command's outputs are staged
+        staged_only = "nothing is left half-written (outputs are staged): free space and rerun"
+        line, status = error_exit(err) if args[:1] == ["fit"] else error_exit(err, staged_only)
         print(f"melora-lit: error: {line}", file=sys.stderr)
         sys.exit(status)
 

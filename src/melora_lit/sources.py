@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ PACKAGE_PREFIX = "package:"
 GGUF_SUFFIX = ".gguf"
 CACHE_ENV = "MELORA_LIT_CACHE"
 
-__all__ = ["resolve_pretrained", "locate_gguf", "gguf_source", "dequantized_gguf", "cache_root", "position_limit"]
+__all__ = ["resolve_pretrained", "locate_gguf", "gguf_source", "dequantized_gguf", "cache_root", "position_limit",
+           "vocabulary_size"]
 
 
 def cache_root() -> Path:
@@ -166,6 +168,19 @@ def _in_hub_cache(repo_id: str) -> bool:
     return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir()
 
 
+def vocabulary_size(name_or_path: str, gguf_file: str | None = None) -> int | None:
+    """The number of token embeddings of the model of a source (its config's ``vocab_size``);
+    None when its config cannot be read or does not say."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_pretrained(name_or_path, gguf_file))
+    except Exception:  # noqa: BLE001 - no readable config (remote code, a tokenizer-only source): not known
+        return None
+    size = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def position_limit(name_or_path: str, tokenizer: Any = None) -> int | None:
     """The longest token sequence the model of a source takes: its config's
     ``max_position_embeddings``, or the ``tokenizer``'s ``model_max_length`` when smaller
@@ -235,3 +250,75 @@ def dequantized_gguf(location: str, gguf_file: str, cache_dir: str | os.PathLike
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class BaseDescription:
+    """What a backbone source is, for exports read by other tools (PEFT, the Hub, vLLM):
+    ``hub_id`` where the source has one (a hub name, or the repository a GGUF file names as its
+    origin); ``text`` the hub id, a local folder's path, or, for a GGUF file or a package's model
+    (whose local copy is a cache path on this machine), a plain statement of what the base was;
+    and the ``license`` its files declare (None: not known here)."""
+
+    hub_id: str | None
+    text: str
+    license: str | None = None
+
+
+def describe_base(name_or_path: str, gguf_file: str | None = None) -> BaseDescription:
+    """The :class:`BaseDescription` of a source as :func:`resolve_pretrained` takes it. Reads
+    only metadata (a GGUF header, a model card's front matter); nothing is downloaded."""
+    located = locate_gguf(name_or_path, gguf_file)
+    if located is not None:
+        return _describe_gguf(Path(located[0]) / located[1], name_or_path)
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        module = name_or_path[len(PACKAGE_PREFIX):]
+        folder = Path(resolve_pretrained(name_or_path))
+        return BaseDescription(None, f"{name_or_path}: the model folder shipped by the PyPI package "
+                                     f"{module.replace('_', '-')}", _card_license(folder))
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return BaseDescription(None, str(folder), _card_license(folder))  # a path: what loads it here
+    return BaseDescription(name_or_path, name_or_path)
+
+
+def _card_license(folder: Path) -> str | None:
+    """The ``license`` of a model folder's ``README.md`` front matter, if it has one."""
+    import yaml
+
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
+
+
+def _describe_gguf(path: Path, source: str) -> BaseDescription:
+    """A GGUF file: its quantization (``general.file_type``), name, license and, where its
+    metadata names one, the hub repository it was made from."""
+    fields: dict[str, Any] = {}
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        reader = GGUFReader(str(path))
+        fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("general.")}
+        quant = LlamaFileType(int(fields["general.file_type"])).name.removeprefix("MOSTLY_") \
+            if "general.file_type" in fields else "unknown quantization"
+    except Exception:  # noqa: BLE001 - no gguf package, or a header it cannot read: say what is known
+        quant = "quantization not read"
+    hub_id = None
+    for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.source.huggingface.repository"):
+        url = str(fields.get(key) or "")
+        if url:
+            hub_id = url.removeprefix("https://huggingface.co/").strip("/")
+            break
+    name = fields.get("general.name")
+    text = f"{path.name} (GGUF, {quant}{f', {name}' if name else ''}; {source}), dequantized by transformers"
+    return BaseDescription(hub_id, text, str(fields["general.license"]) if fields.get("general.license") else None)

@@ -29,9 +29,9 @@ from .inject import (
     melora_layers,
     resolve_modules_to_save,
 )
-from .layer import _is_conv1d
+from .layer import _is_conv1d, block_diagonal
 
-__all__ = ["save_adapter", "load_adapter", "load_adapter_config", "export_peft_lora"]
+__all__ = ["save_adapter", "load_adapter", "load_adapter_config", "load_adapter_weights", "export_peft_lora"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -103,6 +103,62 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, modules_to_save: list[str]) -> str:
+    """Copy the weights of an adapter folder into ``model``'s MELoRA layers (already injected)
+    and ``modules_to_save``: a melora_lit adapter (``export --format adapter``) or a PEFT LoRA
+    adapter (``export --format peft``, or a rank-R LoRA trained elsewhere into ``n = 1``,
+    ``r = R``). The update each layer computes is the folder's: a PEFT factor pair is cut into
+    the n diagonal blocks (it must be zero elsewhere) and B rescaled from PEFT's
+    ``lora_alpha / R`` to this layer's ``alpha / r``. Returns the folder's format (``melora`` or
+    ``peft``); a folder that does not fit is a one-line ``ValueError``, before anything changes."""
+    folder = Path(directory)
+    config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ValueError(f"{folder} is not an adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                         f"(melora-lit export --format adapter or peft)")
+    meta, tensors = json.loads(config_file.read_text()), load_file(str(weights_file))
+    if meta.get("adapter_type") == "MELORA":
+        load_adapter_state_dict(model, tensors, modules_to_save)
+        return "melora"
+    if meta.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: neither a melora_lit adapter nor a PEFT LoRA adapter "
+                         f"(peft_type {meta.get('peft_type')!r})")
+    state = {}
+    for name, layer in melora_layers(model).items():
+        a, b = (tensors.get(f"base_model.model.{name}.lora_{m}.weight") for m in "AB")
+        if a is None or b is None:
+            raise ValueError(f"{folder}: no LoRA factors for {name} (the folder adapts other modules)")
+        n, r, rank = layer.n, layer.r, a.shape[0]
+        if rank != n * r or a.shape[1] != layer.d_in or b.shape != (layer.d_out, rank):
+            raise ValueError(f"{folder}: {name} has a rank-{rank} LoRA of {tuple(b.shape)} x {tuple(a.shape)}; this "
+                             f"layer holds n*r = {n}*{r} = {n * r}, {layer.d_out} x {layer.d_in} (use the same "
+                             f"--model.melora.n and r as the adapter)")
+        a_blocks = torch.stack([a[i * r:(i + 1) * r, i * (layer.d_in // n):(i + 1) * (layer.d_in // n)]
+                                for i in range(n)])
+        b_blocks = torch.stack([b[i * (layer.d_out // n):(i + 1) * (layer.d_out // n), i * r:(i + 1) * r]
+                                for i in range(n)])
+        if not (torch.equal(block_diagonal(a_blocks), a) and torch.equal(block_diagonal(b_blocks), b)):
+            raise ValueError(f"{folder}: the LoRA of {name} is not block-diagonal in {n} blocks, so MELoRA with "
+                             f"n={n} cannot hold it (a plain LoRA fits n=1)")
+        peft_scale = _pattern_value(meta.get("alpha_pattern") or {}, name, meta.get("lora_alpha", rank)) / rank
+        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = a_blocks, b_blocks * (peft_scale / layer.scaling)
+    prefix = "base_model.model."
+    for key, value in tensors.items():  # modules_to_save, as PEFT or our export names them
+        if ".lora_" not in key:
+            state[key.removeprefix(prefix).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+                  ] = value
+    load_adapter_state_dict(model, state, modules_to_save)
+    return "peft"
+
+
+def _pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """PEFT's per-module value (``alpha_pattern``): the first key that matches the end of ``name``."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return default
+
+
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
@@ -111,6 +167,16 @@ def _task_type(model: nn.Module) -> str | None:
         if name.endswith(suffix):
             return task
     return None
+
+
+def _target_modules(model: nn.Module, adapted: dict) -> list[str]:
+    """PEFT's ``target_modules``: the adapted modules' own names (``q_proj``, ``v_proj``), as a
+    PEFT user writes them, where those names select exactly the adapted modules of the base
+    model; else every adapted module's full path."""
+    names = sorted({name.rpartition(".")[2] for name in adapted})
+    inside = tuple(f"{name}." for name in adapted)  # the MELoRA layers' own submodules (base, dropout)
+    selected = {n for n, _ in model.named_modules() if n.rpartition(".")[2] in names and not n.startswith(inside)}
+    return names if selected == set(adapted) else sorted(adapted)
 
 
 def _pattern_key(name: str, adapted: dict) -> str:
@@ -179,7 +245,7 @@ def export_peft_lora(
         "r": r0,
         "lora_alpha": a0,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(layers),
+        "target_modules": _target_modules(model, layers),
         "modules_to_save": saved or None,
         "rank_pattern": {_pattern_key(k, layers): v for k, v in ranks.items() if v != r0},
         "alpha_pattern": {_pattern_key(k, layers): v for k, v in alphas.items() if v != a0},

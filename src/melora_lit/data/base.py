@@ -15,10 +15,14 @@ The contract (abstract members must be provided by a subclass):
 ``build_metrics()``    a fresh ``MetricCollection`` for this data (keys without prefix).
 ``tokenizer``          the tokenizer the batches were made with (pad token set).
 ``raw_predict``        the untokenized rows of ``predict_dataloader``, in order (after setup).
+``data_fingerprint()`` what the training data and each validation set are: their files' sizes and
+                       sha256, rows and split settings (after ``setup("fit")``); recorded in
+                       every checkpoint ``fit`` writes, a resume on other data is refused.
 =====================  ==========================================================================
 
 A subclass also provides the untokenized splits (``_train_split``, ``_val_splits``,
-``_test_splits``, ``_predict_split``) and how rows become token ids (``_tokenize``); this base
+``_test_splits``, ``_predict_split``), where the training and validation rows come from
+(``_data_sources``) and how rows become token ids (``_tokenize``); this base
 turns them into dataloaders through ONE loader-building method, :meth:`MELoRADataModule._loader`.
 :class:`ClassificationDataModule` is the shared base of the classification data modules (texts in
 ``text_columns``, class ids or scores in ``labels``).
@@ -30,6 +34,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -37,6 +42,8 @@ from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..errors import describe, offline_hint
+from ..fingerprint import source_fingerprint
+from ..run import worker_init
 from ..sources import position_limit, resolve_pretrained
 from ..training.metrics import classification_metrics, regression_metrics
 from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
@@ -103,6 +110,7 @@ class MELoRADataModule(L.LightningDataModule, ABC):
         self.test_datasets: list[Dataset] = []
         self.predict_dataset: Dataset | None = None
         self.raw_predict: Dataset | None = None
+        self._rows: dict[str, int] = {}  # untokenized rows of train and each validation set
 
     # ---- the contract -------------------------------------------------------------------
 
@@ -135,6 +143,15 @@ class MELoRADataModule(L.LightningDataModule, ABC):
         """The tokenizer the batches are made with, loaded on first use."""
         return self._load_tokenizer()
 
+    def data_fingerprint(self) -> dict[str, dict[str, Any]]:
+        """What ``train`` and each of :attr:`val_names` hold (after ``setup("fit")``): ``files``
+        (path, size and sha256 of each file read: :mod:`melora_lit.fingerprint`), ``rows`` (before
+        tokenization) and ``settings`` (those that choose the rows: split fraction and seed,
+        subsets, task)."""
+        return {split: {"files": [fp for source in sources for fp in source_fingerprint(source)],
+                        "rows": self._rows.get(split), "settings": settings}
+                for split, (sources, settings) in self._data_sources().items()}
+
     # ---- what a subclass provides -------------------------------------------------------
 
     @abstractmethod
@@ -148,6 +165,12 @@ class MELoRADataModule(L.LightningDataModule, ABC):
 
     @abstractmethod
     def _predict_split(self) -> Dataset: ...
+
+    @abstractmethod
+    def _data_sources(self) -> dict[str, tuple[list[Any], dict[str, Any]]]:
+        """``{split: (sources, settings)}`` for ``train`` and each of :attr:`val_names`: the files
+        or folders (or hub ``Dataset``: its cache files) its rows are read from, and the settings
+        that choose which rows it holds."""
 
     @abstractmethod
     def _tokenize(self, ds: Dataset, with_labels: bool = True, split: str = "train") -> Dataset:
@@ -177,11 +200,19 @@ class MELoRADataModule(L.LightningDataModule, ABC):
             train = self._train_split()
             if self.max_train_samples is not None and self.max_train_samples < len(train):
                 train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
+            self._rows["train"] = len(train)
             self.train_dataset = self._tokenize(train, split="train")
         if stage in ("fit", "validate", None):
-            self.val_datasets = [self._tokenize(ds, split="val") for ds in self._val_splits()]
+            vals = self._val_splits()
+            self._rows.update(zip(self.val_names, map(len, vals)))
+            self.val_datasets = [self._tokenize(ds, split="val") for ds in vals]
         if stage in ("test", None):
-            self.test_datasets = [self._tokenize(ds, split="test") for ds in self._test_splits()]
+            tests = self._test_splits()
+            if stage == "test" and any(t is v for t in tests for v in self._val_splits()):
+                # no test split of its own: say so, the numbers are logged as test/*
+                rank_zero_info(f"melora-lit: {type(self).__name__} has no test split here: test reports the "
+                               f"validation split, logged as {', '.join(n + '/*' for n in self.test_names)}")
+            self.test_datasets = [self._tokenize(ds, split="test") for ds in tests]
         if stage in ("predict", None):
             self.raw_predict = self._predict_split()
             self.predict_dataset = self._tokenize(self.raw_predict, with_labels=False, split="predict")
@@ -228,8 +259,16 @@ class MELoRADataModule(L.LightningDataModule, ABC):
             # longer sequences than the model has positions fail deep in its forward
             limit = position_limit(self.tokenizer_name, tokenizer)
             if limit is not None and self.max_length > limit:
-                raise ValueError(f"data.max_length={self.max_length} is more than the model's {limit} token positions "
-                                 f"(max_position_embeddings); use a max_length of at most {limit}")
+                raise ValueError(f"data.init_args.max_length={self.max_length} is more than the model's {limit} token "
+                                 f"positions (max_position_embeddings); use a max_length of at most {limit}")
+            # shorter than the special tokens, every text would be cut to nothing, silently
+            pair = len(getattr(self, "text_columns", ()) or ()) == 2
+            specials = tokenizer.num_special_tokens_to_add(pair=pair)
+            if self.max_length < specials + 1 + pair:
+                added = "" if pair else f" ({', '.join(tokenizer.convert_ids_to_tokens(tokenizer('')['input_ids']))})"
+                raise ValueError(f"data.init_args.max_length={self.max_length} leaves no room for text: the tokenizer "
+                                 f"adds {specials} special tokens{added} to every {'text pair' if pair else 'text'}; "
+                                 f"use a max_length of at least {specials + 1 + pair}")
             self._tokenizer = tokenizer
         return self._tokenizer
 
@@ -251,6 +290,7 @@ class MELoRADataModule(L.LightningDataModule, ABC):
             collate_fn=collate_fn if collate_fn is not None else self._collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=worker_init(),  # workers ignore a process group's SIGTERM/SIGUSR1/SIGINT
         )
 
 

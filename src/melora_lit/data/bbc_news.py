@@ -88,6 +88,9 @@ class BBCNewsDataModule(TextClassificationDataModule):
     def _describe(self, split: str) -> str:
         return str(self.corpus_dir) if split == "train" else super()._describe(split)
 
+    def _source(self, split: str) -> list:
+        return [self.corpus_dir] if split == "train" else super()._source(split)
+
     def _read_split(self, split: str) -> Dataset | None:
         if split == "train":
             return self._read_corpus()

@@ -5,24 +5,25 @@ A conversation is rendered by the tokenizer's chat template (or a named one of
 :data:`CHAT_TEMPLATES`). The trained spans are found by rendering the conversation turn by turn:
 an assistant turn is what the template adds after the generation prompt of the turns before it,
 up to its end-of-turn marker (the content, then e.g. ``<|im_end|>``; the whitespace that follows
-the marker and everything else is scaffolding). The text is tokenized span by span, so a token
-never straddles a span boundary and the prompt of a turn is tokenized exactly as ``predict``
-tokenizes it.
+the marker and everything else is scaffolding). The whole rendering is tokenized at once, as
+``apply_chat_template(..., tokenize=True)`` does, and a token is trained where it overlaps a span;
+a template with generation markers marks the trained tokens itself.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
 from datasets import Dataset
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..errors import first_line
+from ..errors import check_utf8, first_line
 from .instruction import IGNORE_INDEX, InstructionDataModule
 from .packing import PackedCollator, pack_dataset
 from .base import check_int, seeded_subset
@@ -59,6 +60,9 @@ CHAT_FORMATS = {
     "sharegpt": ("conversations", "from", "value", "human", "gpt", "system"),
     "openai": ("messages", "role", "content", "user", "assistant", "system"),
 }
+# format auto: each record's own layout, with the role names of either format
+_ANY_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 class BadRecord(ValueError):
     """A conversation that cannot be trained on: ``kind`` names the problem (the key of the drop
@@ -72,9 +76,12 @@ class BadRecord(ValueError):
 class ChatEncoder:
     """Conversations -> token ids and labels, for one tokenizer and chat template.
 
-    ``encode`` returns ``input_ids`` and ``labels``: labels are the token ids on the assistant
-    turns (content and end-of-turn marker; EOS appended to a turn that lacks it) and ``-100``
-    elsewhere, or the ids everywhere with ``train_on_inputs``.
+    ``encode`` returns ``input_ids`` and ``labels``. The ids are the whole rendering tokenized at
+    once, as ``tokenizer.apply_chat_template(messages, tokenize=True)`` gives them; the labels are
+    those ids on the assistant turns (content and the template's own end-of-turn marker; EOS is
+    inserted only after a turn the template ends with no marker) and ``-100`` elsewhere, or the ids
+    everywhere with ``train_on_inputs``. A template with generation markers
+    (``{% generation %}``) says itself which tokens are the assistant's.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None,
@@ -83,49 +90,82 @@ class ChatEncoder:
         self.template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.train_on_inputs = train_on_inputs
         self.max_length = max_length
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            template = tokenizer.get_chat_template(self.template)
+        except ValueError:  # no template at all: render says so, per record
+            template = ""
+        # transformers' assistant mask needs the offsets of a fast tokenizer
+        self.generation_marked = bool(_GENERATION.search(template)) and tokenizer.is_fast
+
+    def _apply(self, messages: list[dict], **kwargs: Any) -> Any:
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
         except Exception as err:  # jinja's raise_exception and template errors alike
             raise BadRecord("the chat template refused it", f": {first_line(err)}") from None
 
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        """The rendered text as ``(text, trained)`` pieces that join to the whole rendering."""
-        text = self.render(messages, add_generation_prompt)
-        pieces: list[tuple[str, bool]] = []
-        pos = 0
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def spans(self, messages: list[dict], text: str) -> list[tuple[int, int, bool]]:
+        """The assistant turns of ``text`` (the rendering of ``messages``) as ``(start, end, eos)``
+        character spans: what the template adds after the generation prompt of the turns before
+        it, up to its end-of-turn marker (the whitespace after it is scaffolding); ``eos`` where
+        the turn ends with its content, no marker after it."""
+        spans: list[tuple[int, int, bool]] = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)  # i > 0: see _problem
             upto = self.render(messages[:i + 1])
-            if not (text.startswith(upto) and upto.startswith(before)) or len(before) < pos:
+            if not (text.startswith(upto) and upto.startswith(before)) or (spans and len(before) < spans[-1][1]):
                 raise ValueError("the chat template does not render a conversation turn by turn (an earlier "
                                  "turn renders differently once later turns follow); use a named chat_template")
-            end = len(before) + len(upto[len(before):].rstrip())
-            pieces += [(text[pos:len(before)], False), (text[len(before):end], True)]
-            pos = end
-        pieces.append((text[pos:], False))
-        return [p for p in pieces if p[0]]
+            turn = upto[len(before):].rstrip()
+            content = m["content"].strip()
+            marked = bool(turn.strip()) and not (content and turn.endswith(content))
+            spans.append((len(before), len(before) + len(turn), not marked))
+        return spans
+
+    def _tokens(self, text: str, spans: list[tuple[int, int, bool]]) -> tuple[list[int], list[bool]]:
+        """The ids of ``text`` and whether each is trained: one that overlaps a span is (as
+        transformers' assistant mask has it); EOS is inserted after a span that asks for it."""
+        tok = self.tokenizer
+        if tok.is_fast:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            tokens = list(zip(enc["input_ids"], enc["offset_mapping"]))
+        else:  # no offsets: the pieces between span boundaries are tokenized apart
+            cuts = sorted({0, len(text), *(c for s in spans for c in s[:2])})
+            pieces = list(zip(cuts, cuts[1:]))
+            per_piece = tok([text[a:b] for a, b in pieces], add_special_tokens=False)["input_ids"]
+            tokens = [(t, piece) for piece, piece_ids in zip(pieces, per_piece) for t in piece_ids]
+        ids: list[int] = []
+        trained: list[bool] = []
+        k = 0
+        for token, (start, end) in [*tokens, (None, (len(text) + 1, 0))]:  # the last: past every span
+            while k < len(spans) and start >= spans[k][1]:
+                if spans[k][2]:
+                    ids.append(tok.eos_token_id)
+                    trained.append(True)
+                k += 1
+            if token is not None:
+                ids.append(token)
+                trained.append(k < len(spans) and end > spans[k][0])
+        return ids, trained
 
     def encode(self, messages: list[dict], with_labels: bool = True) -> dict[str, list[int]]:
         """Ids and labels of a whole conversation (``with_labels``), or the ids of the prompt that
         asks for its next assistant turn (the last ``max_length`` tokens)."""
-        pieces = self.segments(messages, add_generation_prompt=not with_labels)
-        ids_per_piece = self.tokenizer([p for p, _ in pieces], add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        ids: list[int] = []
-        labels: list[int] = []
-        for (_, trained), piece_ids in zip(pieces, ids_per_piece):
-            if trained and eos not in piece_ids:
-                piece_ids = [*piece_ids, eos]
-            ids += piece_ids
-            labels += piece_ids if trained or self.train_on_inputs else [IGNORE_INDEX] * len(piece_ids)
         if not with_labels:
-            ids = ids[-self.max_length:]
+            text = self.render(messages, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
             return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        if self.generation_marked:
+            out = self._apply(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            ids, trained = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+        else:
+            text = self.render(messages)
+            ids, trained = self._tokens(text, self.spans(messages, text))
+        labels = [i if t or self.train_on_inputs else IGNORE_INDEX for i, t in zip(ids, trained)]
         ids, labels = ids[:self.max_length], labels[:self.max_length]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
@@ -156,14 +196,15 @@ class ChatDataModule(InstructionDataModule):
 
     Each conversation is rendered by the tokenizer's chat template, or by a named one
     (``chat_template: chatml`` or ``llama2``) for a tokenizer without one. The loss is on every
-    assistant turn (its content and end-of-turn marker) and nowhere else, unless
+    assistant turn (its content and the template's end-of-turn marker) and nowhere else, unless
     ``train_on_inputs``. A conversation longer than ``max_length`` is cut there; one with no
     assistant token left is dropped (counted in :attr:`dropped`).
 
     Bad records (an empty conversation, two assistant turns in a row, an unknown role, a content
     that is not a string, no assistant turn, a turn the template refuses) are dropped and counted
-    (``bad_records: drop``, the counts in :attr:`rejected`) or refused with an error naming the
-    file and record (``bad_records: error``).
+    with a warning (``bad_records: drop``, the counts in :attr:`rejected`) or refused with an error
+    naming the file and record (``bad_records: error``). A file that cannot be read (not UTF-8, a
+    line that is not JSON) is refused either way, naming the line.
 
     ``packing: true`` concatenates the tokenized train and validation conversations into rows of
     up to ``max_length`` tokens, with position ids restarting at each conversation; the model
@@ -182,8 +223,10 @@ class ChatDataModule(InstructionDataModule):
         dataset_name: A hub dataset to use instead of ``train_file``.
         dataset_config_name: Configuration of ``dataset_name``.
         dataset_split: Split of ``dataset_name`` that holds the train records.
-        format: ``sharegpt``, ``openai`` or ``auto`` (``conversations`` column: sharegpt,
-            ``messages``: openai). Sets the defaults of the next six options.
+        format: ``auto`` (each record in its own layout: ``messages`` or ``conversations``,
+            ``role``/``content`` or ``from``/``value`` turns), or ``sharegpt`` or ``openai`` (one
+            layout for the file). Sets the defaults of the next six options; setting any of them
+            also makes one layout for the file.
         messages_column: Column of the conversations.
         role_key: Key of a turn's role.
         content_key: Key of a turn's text.
@@ -276,18 +319,25 @@ class ChatDataModule(InstructionDataModule):
         file = Path(path).expanduser()
         if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file() or file.stat().st_size == 0:
             return super()._read_records(path)
+        check_utf8(path)
         text = file.read_text(encoding="utf-8")
-        try:
-            if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            try:
                 rows = json.loads(text)
-            else:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot read {path}: {err}") from None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"cannot read {path}: line {err.lineno}, column {err.colno} is not valid JSON "
+                                 f"({err.msg})") from None
+        else:
+            rows = []
+            for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+                try:
+                    if line.strip():
+                        rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"cannot read {path}: line {number} is not a JSON record ({err.msg}"
+                                     f"{'' if err.msg.endswith(' at') else ' at'} column {err.colno})") from None
         if not rows:
             raise ValueError(f"{path} has no rows")
-        if not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"{path} must hold records (JSON objects)")
         # a Python-object column: Arrow would refuse rows whose types differ
         return _RowList(rows)  # type: ignore[return-value]
 
@@ -297,7 +347,8 @@ class ChatDataModule(InstructionDataModule):
         if fmt == "auto":
             found = [f for f, spec in CHAT_FORMATS.items() if spec[0] == column or (column is None and spec[0] in columns)]
             if column is not None and column in columns and not found:  # a custom column: its turns' keys say
-                turn = next((t[0] for t in (row.get(column) for row in ds) if isinstance(t, list) and t
+                turn = next((t[0] for t in (row.get(column) for row in ds if isinstance(row, dict))
+                             if isinstance(t, list) and t
                              and isinstance(t[0], dict)), {})
                 found = ["sharegpt" if "from" in turn else "openai"]
             if not found:
@@ -313,21 +364,23 @@ class ChatDataModule(InstructionDataModule):
     def _normalize(self, ds: Dataset, source: str, with_output: bool = True) -> Dataset:
         """A ``messages`` column of ``{role, content}`` turns with roles system/user/assistant and
         a ``record`` column (the row's number in the source, from 1); bad records are dropped and
-        counted, or refused, as ``bad_records`` says."""
+        counted, or refused, as ``bad_records`` says. With ``format: auto`` and no layout option,
+        each record has its own layout (see :meth:`_messages`)."""
         columns = list(ds.column_names)
+        layout: dict[str, str] | None = None
         if columns == [self.instruction_column] and not with_output:  # a .txt predict file
-            rows = [{"messages": [{"role": "user", "content": t}]} for t in ds[self.instruction_column]]
+            ds = [{"messages": [{"role": "user", "content": t}]} for t in ds[self.instruction_column]]
             layout = dict(zip(self.layout, CHAT_FORMATS["openai"]))
-        else:
+        elif self.format != "auto" or any(v is not None for v in self.layout.values()):
             layout = self._layout(ds, columns, source)
-            rows = ds
-        roles = {layout["user_role"]: "user", layout["assistant_role"]: "assistant",
-                 layout["system_role"]: "system"}
+        elif not {"messages", "conversations"} & set(columns):
+            raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
+                             f"its columns are {columns} (set data.messages_column)")
         out: dict[str, list] = {"messages": [], "record": []}
-        reasons: dict[str, int] = {}
-        for number, row in enumerate(rows, start=1):
+        reasons: dict[str, list[int]] = {}  # kind -> record numbers
+        for number, row in enumerate(ds, start=1):
             try:
-                messages = self._messages(row.get(layout["messages_column"]), layout, roles)
+                messages = self._messages(row, layout)
                 problem = _problem(messages, with_output)
                 if problem:
                     raise problem
@@ -335,35 +388,58 @@ class ChatDataModule(InstructionDataModule):
                 if self.bad_records == "error":
                     raise ValueError(f"{source} record {number}: {err} (bad_records: drop skips such records)") \
                         from None
-                reasons[err.kind] = reasons.get(err.kind, 0) + 1
+                reasons.setdefault(err.kind, []).append(number)
                 continue
             out["messages"].append(messages)
             out["record"].append(number)
-        dropped = sum(reasons.values())
+        dropped = sum(map(len, reasons.values()))
         self.rejected[source] = dropped
         if dropped:
-            detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-            rank_zero_info(f"{source}: dropped {dropped} bad records of {dropped + len(out['record'])} ({detail})")
+            detail = ", ".join(f"{len(n)} {r} (first: record {n[0]})" for r, n in sorted(reasons.items()))
+            rank_zero_warn(f"{source}: dropped {dropped} bad records of {dropped + len(out['record'])}: {detail}; "
+                           "bad_records: error stops at the first instead")
         if not out["record"]:
             raise ValueError(f"{source} has no usable conversation (dropped {dropped} bad records)")
         return Dataset.from_dict(out)
 
-    def _messages(self, turns: Any, layout: dict[str, str], roles: dict[str, str]) -> list[dict[str, str]]:
+    def _record_settings(self) -> dict[str, Any]:
+        return {"format": self.format, **self.layout}
+
+    def _messages(self, row: Any, layout: dict[str, str] | None) -> list[dict[str, str]]:
+        """The turns of a record as ``{role, content}`` with roles system/user/assistant: in
+        ``layout``, or (None) in the record's own: ``messages`` or ``conversations`` (whichever
+        holds turns), turns keyed ``role``/``content`` or ``from``/``value`` (as its first turn is),
+        roles user/human, assistant/gpt, system."""
+        if not isinstance(row, dict):
+            raise BadRecord("not a JSON object", f": {type(row).__name__} {row!r:.40}")
+        if layout is not None:
+            turns = row.get(layout["messages_column"])
+            role_key, content_key = layout["role_key"], layout["content_key"]
+            roles = {layout["user_role"]: "user", layout["assistant_role"]: "assistant",
+                     layout["system_role"]: "system"}
+        else:
+            found = [c for c in ("messages", "conversations") if row.get(c)]
+            if len(found) > 1:
+                raise BadRecord("both messages and conversations", ": keep one of them")
+            turns = row[found[0]] if found else row.get("messages", row.get("conversations"))
+            first = next((t for t in turns if isinstance(t, dict)), {}) if isinstance(turns, (list, tuple)) else {}
+            role_key, content_key = ("from", "value") if "from" in first else ("role", "content")
+            roles = _ANY_ROLES
         if turns is None:
             turns = []
         if not isinstance(turns, (list, tuple)):
             raise BadRecord("not a list of turns", f": {type(turns).__name__} {turns!r:.40}")
         messages = []
-        if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(layout["role_key"])) == "system"
+        if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system"
                                           for t in turns):
             messages.append({"role": "system", "content": self.system_prompt})
         for k, turn in enumerate(turns, start=1):
             if not isinstance(turn, dict):
                 raise BadRecord("turn not an object", f": turn {k} is {type(turn).__name__} {turn!r:.40}")
-            role = turn.get(layout["role_key"])
+            role = turn.get(role_key)
             if role not in roles:
                 raise BadRecord("unknown role", f" {role!r} in turn {k}; roles are {', '.join(map(repr, roles))}")
-            content = turn.get(layout["content_key"])
+            content = turn.get(content_key)
             if not isinstance(content, str):
                 raise BadRecord("non-string content", f": turn {k} content is {type(content).__name__} {content!r:.40}")
             messages.append({"role": roles[role], "content": content})
@@ -440,7 +516,7 @@ class ChatDataModule(InstructionDataModule):
                            load_from_cache_file=False)  # the refusals are counted as it runs
         if refused:
             self.rejected[split] = len(refused)
-            rank_zero_info(f"{split}: dropped {len(refused)} records that the chat template refused "
+            rank_zero_warn(f"{split}: dropped {len(refused)} records that the chat template refused "
                            f"(the first: {refused[0]})")
         if with_labels:
             dropped = len(ds) - len(tokenized) - len(refused)
@@ -492,7 +568,7 @@ class _RowList(list):
 
     @property
     def column_names(self) -> list[str]:
-        return list(dict.fromkeys(k for row in self for k in row))
+        return list(dict.fromkeys(k for row in self if isinstance(row, dict) for k in row))
 
 
 def chitchat_conversations(max_messages: int = 6, path: str | None = None) -> Iterator[dict[str, list]]:
@@ -572,6 +648,11 @@ class ChitChatConversationsDataModule(ChatDataModule):
 
     def _describe_train(self) -> str:
         return "the chitchat-dataset conversations"
+
+    def _train_source(self) -> tuple[list[Any], dict[str, Any]]:
+        from .instruction import chitchat_path
+
+        return [chitchat_path()], {"max_records": self.max_records, "max_messages": self.max_messages}
 
     def _read_train(self) -> Dataset:
         records = list(chitchat_conversations(self.max_messages))

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from ..training.metrics import glue_metrics
-from ..errors import describe
+from ..errors import describe, not_found
 from .base import ClassificationDataModule
 from .glue_submission import glue_test_split
 
@@ -215,7 +215,7 @@ class GLUEDataModule(ClassificationDataModule):
         spec = self.spec
         root = Path(self.data_dir).expanduser()
         if not root.is_dir():
-            raise ValueError(f"GLUE data_dir not found: {root}")
+            raise ValueError(not_found("GLUE data_dir", root))
         files = {"train": root / spec.folder / "train.tsv"}
         files.update({split: root / spec.folder / name for split, name in zip(spec.hub_val_splits, spec.val_files)})
         for path in files.values():
@@ -286,6 +286,18 @@ class GLUEDataModule(ClassificationDataModule):
 
     def _test_splits(self) -> list[Dataset]:
         return self._val_splits()
+
+    def _data_sources(self) -> dict[str, tuple[list, dict]]:
+        spec, task = self.spec, {"task": self.task}
+        if self.data_dir is None:  # the hub's splits: their cache files
+            sources = {split: [ds] for split, ds in self._splits().items()}
+        else:
+            folder = Path(self.data_dir) / spec.folder
+            sources = {"train": [str(folder / "train.tsv")],
+                       **{split: [str(folder / name)] for split, name in zip(spec.hub_val_splits, spec.val_files)}}
+        train = (sources["train"], {**task, "max_train_samples": self.max_train_samples, "seed": self.seed})
+        vals = {name: (sources[split], task) for name, split in zip(self.val_names, spec.hub_val_splits)}
+        return {"train": train, **vals}
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The labelled validation set(s): GLUE test sets carry no labels, so GLUE results are

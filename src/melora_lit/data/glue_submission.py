@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from datasets import Dataset, Features, Value, concatenate_datasets, load_dataset
 
 from ..errors import describe, first_line
+from ..run import staged_folder
 
 __all__ = ["SUBMISSION_COLUMN", "SUBMISSION_FILES", "glue_test_split", "write_submission"]
 
@@ -118,21 +119,22 @@ def _leaderboard_value(name: str, prediction: Any, label_names: list[str] | None
 
 def write_submission(rows: Iterable[dict[str, Any]], folder: Path, label_names: list[str] | None) -> list[Path]:
     """Write one leaderboard file per :data:`SUBMISSION_COLUMN` value of ``rows`` into ``folder``
-    (``RTE.tsv``: ``index<TAB>prediction``); ``prediction`` is the model's label name (or score)."""
+    (``RTE.tsv``: ``index<TAB>prediction``); ``prediction`` is the model's label name (or score).
+    The folder is written whole or not at all, replacing one there (the caller checked that it may:
+    :func:`~melora_lit.run.staged_folder`); a file name other than :data:`SUBMISSION_FILES` is
+    refused (the names come from the data: none may leave the folder)."""
     by_file: dict[str, list[tuple[str, str]]] = {}
     for row in rows:
         name = row[SUBMISSION_COLUMN]
+        if name not in SUBMISSION_FILES:
+            raise ValueError(f"{SUBMISSION_COLUMN}={name!r} is not a GLUE leaderboard file; the files are "
+                             f"{', '.join(SUBMISSION_FILES)}")
         by_file.setdefault(name, []).append((str(row["index"]), _leaderboard_value(name, row["prediction"],
                                                                                     label_names)))
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, lines in by_file.items():
-        path = folder / f"{name}.tsv"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(["index", "prediction"])
-            writer.writerows(lines)
-        tmp.replace(path)
-        written.append(path)
-    return written
+    with staged_folder(folder) as staging:
+        for name, lines in by_file.items():
+            with open(staging / f"{name}.tsv", "w", newline="") as f:
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(["index", "prediction"])
+                writer.writerows(lines)
+    return [folder / f"{name}.tsv" for name in by_file]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from datasets import Dataset, load_dataset
@@ -18,7 +18,7 @@ from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ..training.metrics import language_modeling_metrics
-from ..errors import data_file_error, describe
+from ..errors import check_utf8, data_file_error, describe, not_found
 from ..training.resume import ResumableSampler
 from .base import DataTask, MELoRADataModule, check_int, seeded_subset
 
@@ -297,9 +297,11 @@ class InstructionDataModule(MELoRADataModule):
     def _read_records(self, path: str) -> Dataset:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise ValueError(f"data file not found: {path}")
+            raise ValueError(not_found("data file", path))
         if file.stat().st_size == 0:
             raise ValueError(f"data file is empty: {path}")
+        if file.suffix.lower() != ".parquet":
+            check_utf8(path)  # the JSON reader would take other bytes silently
         if file.suffix.lower() == ".txt":
             lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
             lines = [line for line in lines if line]
@@ -378,6 +380,26 @@ class InstructionDataModule(MELoRADataModule):
 
     def _train_split(self) -> Dataset:
         return self._fit()[0]
+
+    def _record_settings(self) -> dict[str, Any]:
+        """The settings that decide what a record holds."""
+        return {"columns": [self.instruction_column, self.input_column, self.output_column]}
+
+    def _train_source(self) -> tuple[list[Any], dict[str, Any]]:
+        """Where the train records are read from, and the settings that choose them."""
+        if self.train_file is not None:
+            return [self.train_file], {}
+        return [self._read_hub()], {"dataset": self.dataset_name, "config": self.dataset_config_name,
+                                    "split": self.dataset_split}
+
+    def _data_sources(self) -> dict[str, tuple[list[Any], dict[str, Any]]]:
+        sources, settings = self._train_source()
+        settings = {**self._record_settings(), **settings, "seed": self.seed}
+        train = {**settings, "max_train_samples": self.max_train_samples}
+        if self.validation_file is not None:
+            return {"train": (sources, train), "val": ([self.validation_file], self._record_settings())}
+        split = {"val_size": self.val_size}
+        return {"train": (sources, {**train, **split}), "val": (sources, {**settings, **split, "held_out_of": "train"})}
 
     def _val_splits(self) -> list[Dataset]:
         return [self._fit()[1]]
@@ -553,6 +575,9 @@ class ChitChatDataModule(InstructionDataModule):
 
     def _describe_train(self) -> str:
         return "the chitchat-dataset conversations"
+
+    def _train_source(self) -> tuple[list[Any], dict[str, Any]]:
+        return [chitchat_path()], {"max_records": self.max_records, "context_turns": self.context_turns}
 
     def _read_train(self) -> Dataset:
         records = list(chitchat_pairs(self.context_turns))

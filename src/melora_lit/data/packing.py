@@ -27,7 +27,7 @@ from transformers import DataCollatorWithFlattening
 
 from .instruction import IGNORE_INDEX
 
-__all__ = ["pack_rows", "pack_dataset", "PackedCollator"]
+__all__ = ["pack_rows", "pack_dataset", "PackedCollator", "flatten_packed"]
 
 
 def pack_rows(lengths: list[int], max_length: int, seed: int = 0) -> list[list[int]]:
@@ -83,3 +83,17 @@ class PackedCollator:
             batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
+
+
+def flatten_packed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of packed rows as one row without their padding, for attention kernels that take
+    sample boundaries from the position ids alone (flash attention, flex attention): no token is
+    computed for nothing. A row's padding is its last sample when that sample has no target (a
+    real sample always has one); the first label of every sample is already -100, so no token
+    is predicted across a boundary."""
+    keep = []
+    for labels, positions in zip(batch["labels"], batch["position_ids"]):
+        starts = (positions == 0).nonzero().flatten()
+        last = int(starts[-1]) if len(starts) else 0
+        keep.append(last if last > 0 and bool((labels[last:] == IGNORE_INDEX).all()) else len(labels))
+    return {k: torch.cat([row[:n] for row, n in zip(v, keep)])[None] for k, v in batch.items()}

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..errors import data_file_error, describe
+from ..errors import check_utf8, data_file_error, describe, not_found
 from .base import ClassificationDataModule
 
 __all__ = ["TextClassificationDataModule"]
@@ -272,10 +272,12 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _read_file(self, path: str) -> Dataset:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise ValueError(f"data file not found: {path}")
+            raise ValueError(not_found("data file", path))
         if file.stat().st_size == 0:
             raise ValueError(f"data file is empty: {path}")
         builder, options = _FILE_FORMATS[file.suffix.lower()]
+        if builder != "parquet":
+            check_utf8(file)  # the JSON reader would take other bytes silently
         try:
             ds = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=self.cache_dir, **options)
             if builder == "csv" and getattr(ds.features.get(self.label_column), "dtype", None) == "bool":
@@ -363,6 +365,24 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _test_splits(self) -> list[Dataset]:
         test = self._encoded("test")
         return [test] if test is not None else self._val_splits()
+
+    def _data_sources(self) -> dict[str, tuple[list[Any], dict[str, Any]]]:
+        columns = {"columns": [*self.text_columns, self.label_column]}
+        if self.dataset_name is not None:
+            columns.update(dataset=self.dataset_name, config=self.dataset_config_name)
+        train = (self._source("train"), {**columns, "max_train_samples": self.max_train_samples, "seed": self.seed})
+        if self._raw_split("validation") is not None:
+            return {"train": train, "val": (self._source("validation"), columns)}
+        split = {"val_fraction": self.val_fraction, "seed": self.seed}
+        return {"train": (train[0], {**train[1], **split}),
+                "val": (train[0], {**columns, **split, "held_out_of": "train"})}
+
+    def _source(self, split: str) -> list[Any]:
+        """What the rows of ``split`` are read from: its file, or the hub dataset's split."""
+        if self._files[split] is not None:
+            return [self._files[split]]
+        ds = self._raw_split(split)
+        return [ds] if ds is not None else []
 
     def _predict_split(self) -> Dataset:
         for split in ("predict", "test"):

@@ -1,5 +1,6 @@
 """Causal language modeling (``task: causal-lm``, instruction tuning of a decoder): the token loss
-on the response, token-weighted loss and perplexity as metrics, ``predict`` generates responses."""
+on the response, token-weighted over each optimizer step (:class:`TokenWeightedStep`) and in the
+metrics (loss and perplexity), ``predict`` generates responses."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from .metrics import language_modeling_metrics
-from .tasks import BackboneSource, Task
+from .tasks import BackboneSource, StepLoss, Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..data.base import MELoRADataModule
 
-__all__ = ["CausalLM", "GenerationOptions"]
+__all__ = ["CausalLM", "GenerationOptions", "TokenWeightedStep"]
 
 
 @dataclass
@@ -51,6 +52,77 @@ class GenerationOptions:
             raise ValueError(f"temperature={self.temperature!r} is not valid; use a value > 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is not valid; use a value in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} is not valid; use an integer >= 0 (0: all tokens)")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r} is not valid; use a value > 0 "
+                             "(1.0: none)")
+
+
+#: attention backends that read sample boundaries from position ids alone: packed batches go to
+#: them as one row without padding (:func:`~melora_lit.data.packing.flatten_packed`)
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def unpadded(module: L.LightningModule, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch (position ids, no attention mask) as one unpadded row where the backbone's
+    attention takes it (:data:`VARLEN_ATTENTION`); any other batch as it is."""
+    if module.hparams.get("attn_implementation") not in VARLEN_ATTENTION:
+        return batch
+    if "position_ids" not in batch or "attention_mask" in batch:
+        return batch
+    from ..data.packing import flatten_packed
+
+    return flatten_packed(batch)
+
+
+class TokenWeightedStep:
+    """The loss of an optimizer step, token-weighted over all its micro-batches and processes::
+
+        step loss = (sum of the cross entropy of every target token of the step) / N
+                     over W processes x A accumulated micro-batches;  N = their target tokens
+
+    N is known only after the step's last micro-batch, when the backward of every other one has
+    run. So a micro-batch's loss is its token sum over a scale c that every process shares (the
+    mean target count of the step's first micro-batch: a loss of the usual size for mixed
+    precision); Lightning divides it by A and DDP/FSDP average the gradients over W. After the
+    last backward the gradients are sum(grad of token sums) / (W * A * c), and :meth:`finish`
+    multiplies them by W * A * c / N. (transformers' Trainer reaches the same by reading the
+    step's batches ahead: ``num_items_in_batch``.)
+    """
+
+    def __init__(self) -> None:
+        self.scale: torch.Tensor | None = None  # c, set by the step's first micro-batch
+        self.step_loss = StepLoss()
+
+    def micro_batch_loss(self, module: L.LightningModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = unpadded(module, batch)
+        labels = batch["labels"]
+        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        # transformers' ForCausalLMLoss with reduction "sum" (labels shifted by padding, -100
+        # ignored, logits upcast to float32), except that float64 logits stay float64
+        targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+        tokens = (targets != -100).sum()
+        if self.scale is None:
+            strategy = module.trainer.strategy
+            self.scale = (strategy.reduce(tokens.double(), reduce_op="sum") / module.trainer.world_size).clamp(min=1.0)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        token_sum = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100,
+                                                      reduction="sum")
+        self.step_loss.add(token_sum, tokens)
+        return token_sum / self.scale.to(token_sum.dtype)
+
+    def finish(self, module: L.LightningModule) -> None:
+        """The step's gradients and logged ``train/loss`` token-weighted over the whole step."""
+        tokens = self.step_loss.log(module)
+        if tokens is None:  # no micro-batch ran
+            return
+        trainer = module.trainer
+        factor = float(trainer.world_size * trainer.accumulate_grad_batches * self.scale / tokens)
+        self.scale = None
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 class CausalLM(Task):
@@ -59,8 +131,16 @@ class CausalLM(Task):
     name: ClassVar[str] = "causal-lm"
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
+        super().__init__()
         self.generation = generation if generation is not None else GenerationOptions()
         self._own_tokenizer: PreTrainedTokenizerBase | None = None
+        self._step = TokenWeightedStep()
+
+    def training_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._step.micro_batch_loss(module, batch)
+
+    def finish_gradients(self, module: L.LightningModule) -> None:
+        self._step.finish(module)
 
     def load_backbone(self, source: BackboneSource) -> nn.Module:
         import transformers
@@ -72,6 +152,7 @@ class CausalLM(Task):
 
     def eval_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor], metrics: MetricCollection,
                   prefix: str) -> None:
+        batch = unpadded(module, batch)
         out = module(**batch)
         # loss and perplexity over the epoch's target tokens: the model's loss is the mean over
         # this batch's targets (labels shifted by one, -100 ignored), so weigh it by their count

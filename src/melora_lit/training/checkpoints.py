@@ -8,7 +8,8 @@ loaded by a run or by ``export``.
   call :func:`save_adapter_state` and :func:`load_adapter_state`.
 * **How it is validated**: :func:`check_state_shapes` (keys and shapes, one line naming the first
   mismatch), :func:`check_resume` (a checkpoint resumed by ``fit`` has this run's model settings
-  and data seed: checked before anything is written).
+  and data seed), :func:`check_fingerprints` (and its data and backbone, as
+  :class:`RunFingerprint` recorded them): checked before anything is written.
 * **How it is read**: :func:`read_checkpoint` (``weights_only=True``; a file, or the folder of a
   sharded FSDP checkpoint); a truncated, foreign, unsafe or non-finite checkpoint is refused in one
   line. Every reader (``fit``/``validate``/... ``--ckpt_path``, the strategies, ``export``) goes
@@ -25,19 +26,20 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .. import __version__
 from ..errors import EXIT_PREEMPTED  # (re-exported: its home is errors)
+from ..fingerprint import backbone_fingerprint, fingerprint_changes
 from ..run import preemption, remove_stale_temp_files, staged
 from . import lightning_private
 
@@ -45,6 +47,8 @@ __all__ = [
     "EXIT_PREEMPTED",
     "AtomicCheckpointIO",
     "ResumableCheckpoint",
+    "RunFingerprint",
+    "check_fingerprints",
     "check_resume",
     "check_state_shapes",
     "load_adapter_state",
@@ -175,6 +179,74 @@ def check_resume(path: str | os.PathLike, checkpoint: Mapping[str, Any], model_h
     if data_seed is not None and seeds and seeds[0] != data_seed:
         raise ValueError(f"checkpoint {path} was trained with data seed {seeds[0]}, this run's is {data_seed}: pass "
                          f"--data.init_args.seed {seeds[0]} to resume (the data order depends on it)")
+
+
+_FINGERPRINT_KEY = "RunFingerprint"  # its entry in a checkpoint's "callbacks"
+
+
+class RunFingerprint(Callback):
+    """Records in every checkpoint what the run trains on (:mod:`melora_lit.fingerprint`): the
+    data module's ``data_fingerprint()`` (each split's files, rows and settings) and the
+    backbone's config and weights, measured once per command (the CLI measures before it checks
+    a resume, :func:`check_fingerprints`; the record is then this run's, an accepted change
+    included)."""
+
+    def __init__(self) -> None:
+        self.measured: dict[str, Any] | None = None
+        self._module: L.LightningModule | None = None
+
+    @property
+    def state_key(self) -> str:
+        return _FINGERPRINT_KEY
+
+    def measure(self, datamodule: Any, module: L.LightningModule) -> dict[str, Any]:
+        """``{"data": ..., "backbone": ...}`` of this run (its data set up for ``fit``)."""
+        from ..data.base import MELoRADataModule
+
+        if self.measured is None:
+            self._module = module
+            data = datamodule.data_fingerprint() if isinstance(datamodule, MELoRADataModule) else {}
+            self.measured = {"data": data, "backbone": _backbone_fingerprint(module)}
+        return self.measured
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.measure(trainer.datamodule, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.measured is None:
+            return {}
+        if not self.measured["backbone"].get("weights"):  # a hub model downloaded since (configure_model)
+            self.measured["backbone"] = _backbone_fingerprint(self._module)
+        return dict(self.measured)
+
+
+def _backbone_fingerprint(module: L.LightningModule | None) -> dict[str, Any]:
+    source = getattr(module, "backbone_source", None)
+    return backbone_fingerprint(source.model_name_or_path, source.gguf_file) if source is not None else {}
+
+
+#: How a resume's refusal names each part that changed (the keys are ``--accept_change`` values).
+_CHANGED = {"train_data": ("was trained on other data", "the data"),
+            "val_data": ("was validated on other data", "the data"),
+            "backbone": ("was trained on another backbone", "the backbone")}
+
+
+def check_fingerprints(path: str | os.PathLike, checkpoint: Mapping[str, Any], current: Mapping[str, Any],
+                       accept: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Refuse (one-line ``ValueError``) to resume ``checkpoint`` into a run whose training data,
+    validation data or backbone differ from those it recorded (:class:`RunFingerprint`), naming
+    what changed and how, unless ``accept`` (``--accept_change``) names that part; returns the
+    accepted ``(part, change)`` pairs. A checkpoint from before fingerprints resumes as before."""
+    saved = (checkpoint.get("callbacks") or {}).get(_FINGERPRINT_KEY)
+    changes, accept = fingerprint_changes(saved, current) if saved else [], set(accept)
+    refused = [(part, what) for part, what in changes if part not in accept]
+    if refused:
+        part, what = refused[0]
+        verb, it = _CHANGED[part]
+        raise ValueError(f"checkpoint {path} {verb}: {what}; resume with {it} it was trained on, or pass "
+                         f"--accept_change {part} to train on with this one")
+    return changes
 
 
 def refuse_code_settings(path: str | os.PathLike | None, settings: Mapping[str, Any], typed: Mapping[str, Any],

@@ -26,6 +26,7 @@ class SequenceClassification(Task):
     name: ClassVar[str] = "sequence-classification"
 
     def __init__(self, num_labels: int | None, label_names: list[str] | None = None) -> None:
+        super().__init__()
         if num_labels is None or num_labels < 1:
             raise ValueError(f"num_labels={num_labels} is not valid; use 1 (regression) or the number of classes "
                              f"(data without classes, such as instruction data, needs --model.task causal-lm)")

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 from torchmetrics.functional.text import rouge_score, squad
 
+from ..run import staged
+
 __all__ = ["GenerationEvaluation", "reply_scores"]
 
 
@@ -87,8 +89,6 @@ class GenerationEvaluation(Callback):
         folder = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "generations"
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         path = folder / f"step_{trainer.global_step}{suffix}.jsonl"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(path)
+        with staged(path, "w", encoding="utf-8") as f:  # whole or absent (melora_lit.run)
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
         self.written = path

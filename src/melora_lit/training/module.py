@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from ..adapter import InjectionSummary, MELoRAConfig, inject_melora
+from ..adapter.io import load_adapter_weights
 from ..adapter.quantize import check_device, check_scheme, keep_out_of_ddp_broadcast, quantize_backbone
 from .checkpoints import attached_trainer, load_adapter_state, record_adapter_shapes, save_adapter_state
 from .causal_lm import GenerationOptions
 from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
 from .precision import keep_trainable_float32
-from .tasks import BACKBONE_DTYPES, BackboneSource, load_backbone, make_task
+from .tasks import ATTN_IMPLEMENTATIONS, BACKBONE_DTYPES, BackboneSource, load_backbone, make_task
 
 if TYPE_CHECKING:
     from ..data.base import MELoRADataModule
@@ -80,6 +82,17 @@ class MELoRAModule(L.LightningModule):
             ``nf4`` (4-bit NormalFloat, double-quantized scales) or ``int8`` (weight-only). The
             adapters, head, embeddings and norms stay in full precision; checkpoints stay
             adapter-only. Single device and DDP (docs/quantization.md).
+        attn_implementation: the backbone's attention backend, passed to ``from_pretrained``
+            (default: transformers' choice, ``sdpa`` where the model supports it): ``sdpa`` (CPU
+            and GPU), ``eager`` (CPU and GPU, the reference), ``flash_attention_2`` or
+            ``flash_attention_3`` (NVIDIA GPUs, the ``flash-attn`` package, bf16/fp16 backbones),
+            ``flex_attention`` (GPUs, torch >= 2.5). Packed rows work with all of them (position
+            ids restart per sample). Not part of the run: a resume may change it.
+        init_adapter: start ``fit`` from an exported adapter folder (``melora-lit export --format
+            adapter`` or ``peft``, or a PEFT LoRA of rank n*r trained elsewhere) instead of the fresh
+            initialization: its weights (and saved heads) are copied in before the first step; the
+            optimizer and schedule start fresh. Refused in one line where the shapes differ. A resume
+            (``--ckpt_path``) continues from its checkpoint and does not read it.
     """
 
     def __init__(
@@ -106,6 +119,9 @@ class MELoRAModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,  # noqa: A002 - the option's name, as torch.compile
         quantization: Literal["nf4", "int8"] | None = None,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                     "flex_attention"] | None = None,
+        init_adapter: str | None = None,
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
@@ -126,7 +142,11 @@ class MELoRAModule(L.LightningModule):
         # the optimizer and scheduler callables (the run's config.yaml holds them).
         self.save_hyperparameters(ignore=["melora", "generation", "optimizer", "lr_scheduler"])
         self.hparams["melora"] = melora.to_dict()  # the adapter as requested; as injected: melora_config
-        self.backbone_source = BackboneSource(model_name_or_path, trust_remote_code, gguf_file, backbone_dtype)
+        if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={attn_implementation!r} is not valid; use one of "
+                             f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+        self.backbone_source = BackboneSource(model_name_or_path, trust_remote_code, gguf_file, backbone_dtype,
+                                              attn_implementation)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.data: MELoRADataModule | None = None  # set in setup() when the run has one
@@ -148,6 +168,7 @@ class MELoRAModule(L.LightningModule):
         with torch.device("cpu"):
             model = self.task.load_backbone(self.backbone_source)
             self.summary = self._inject(model)
+        self._warm_start(model)
         record_adapter_shapes(self, model)  # before sharding splits or renames the tensors
         self.model = self._parallelize(model)
 
@@ -170,6 +191,18 @@ class MELoRAModule(L.LightningModule):
         if self.backbone_source.dtype not in (None, "float32"):
             keep_trainable_float32(model, summary.modules_to_save)
         return summary
+
+    def _warm_start(self, model: nn.Module) -> None:
+        """``init_adapter``'s weights, for a ``fit`` that starts fresh (not a resume, not the
+        other commands, which load a checkpoint)."""
+        path, trainer = self.hparams.get("init_adapter"), attached_trainer(self)
+        if not path or trainer is None or trainer.state.fn != "fit" or trainer.ckpt_path is not None:
+            return
+        try:
+            kind = load_adapter_weights(model, path, self.summary.modules_to_save)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.init_adapter={path!r}: {err}") from None
+        rank_zero_info(f"melora-lit: started from the {kind} adapter in {path} (fresh optimizer)")
 
     def _parallelize(self, model: nn.Module) -> nn.Module:
         """Gradient checkpointing, FSDP2 sharding under a ModelParallelStrategy (see
@@ -244,11 +277,17 @@ class MELoRAModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        # sync_dist: the logged loss is the mean over all processes' batches (a no-op on one)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["input_ids"]),
-                 sync_dist=True)
-        return loss
+        return self.task.training_step(self, batch)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # Lightning's own step, with the task's last word on the gradients between the step's last
+        # backward (run by the closure) and the optimizer hooks (token weighting: causal_lm.py)
+        def closure() -> Any:
+            loss = optimizer_closure()
+            self.task.finish_gradients(self)
+            return loss
+
+        optimizer.step(closure=closure)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.task.eval_step(self, batch, self.val_metrics[dataloader_idx], self._eval_names["val"][dataloader_idx])

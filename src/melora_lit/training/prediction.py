@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
-from ..run import check_output, remove_stale_temp_files, staged
+from ..run import PREDICTION_SUFFIXES, check_output, remove_stale_temp_files, staged
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -25,8 +25,9 @@ class PredictionWriter(BasePredictionWriter):
             (``task: causal-lm``), ``instruction``, ``input`` and the generated ``response``.
         submission_dir: where a GLUE test split's leaderboard files go (``RTE.tsv``, ...; see
             :mod:`melora_lit.data.glue_submission`); default ``glue_submission/`` beside the
-            predictions file.
-        overwrite: replace an existing ``output_file`` (refused before any prediction otherwise).
+            predictions file. The folder is written whole (replacing one there).
+        overwrite: replace an existing ``output_file`` and ``submission_dir`` (refused before any
+            prediction otherwise).
     """
 
     def __init__(self, output_file: str | None = None, submission_dir: str | None = None,
@@ -40,10 +41,39 @@ class PredictionWriter(BasePredictionWriter):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "predict" and self.output_file:  # refused before the predictions are made
+        if stage != "predict":
+            return
+        # refused before the predictions are made (the CLI refused what it could before the model
+        # and the data were read: melora_lit.run.check_run_outputs); the new run's folder may hold them
+        flag = "--overwrite"
+        path = self._path(trainer, pl_module)
+        if self.output_file:
             check_output(self.output_file, "prediction_writer.output_file", self.overwrite,
-                         suffixes=(".csv", ".jsonl"), overwrite_option="--prediction_writer.overwrite true")
-            remove_stale_temp_files(Path(self.output_file).expanduser().parent)
+                         suffixes=PREDICTION_SUFFIXES, overwrite_option=flag, current=trainer.log_dir)
+        remove_stale_temp_files(path.parent)
+        if self._submits(trainer) and trainer.world_size == 1:
+            folder = self._submission_folder(path)
+            check_output(folder, "prediction_writer.submission_dir", self.overwrite, folder=True,
+                         overwrite_option=flag, current=trainer.log_dir)
+            remove_stale_temp_files(folder.parent)
+
+    def _path(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        default = "predictions.jsonl" if getattr(pl_module, "is_causal_lm", False) else "predictions.csv"
+        path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / default
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def _submission_folder(self, predictions_file: Path) -> Path:
+        return Path(self.submission_dir) if self.submission_dir else predictions_file.parent / "glue_submission"
+
+    @staticmethod
+    def _submits(trainer: L.Trainer) -> bool:
+        """Whether GLUE leaderboard files are written: a GLUE test split is predicted (its rows name
+        their file; a column of that name in other data is only a column)."""
+        data = trainer.datamodule
+        columns = getattr(getattr(data, "raw_predict", None), "column_names", None) or ()
+        return getattr(data, "predict_split", None) == "test" and SUBMISSION_COLUMN in columns
 
     def write_on_epoch_end(
         self,
@@ -65,10 +95,7 @@ class PredictionWriter(BasePredictionWriter):
                 row = dict(raw[int(i)]) if raw is not None else {"index": int(i)}
                 row.update({k: v[j] for k, v in out.items()})
                 rows[int(i)] = row
-        default = "predictions.jsonl" if getattr(pl_module, "is_causal_lm", False) else "predictions.csv"
-        path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / default
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path = self._path(trainer, pl_module)
         ordered = [rows[i] for i in sorted(rows)]
         with staged(path, "w", newline="") as f:  # never a half-written predictions file
             if path.suffix == ".jsonl":
@@ -81,7 +108,7 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerows(ordered)
         self.written = path
         print(f"melora-lit: wrote {len(ordered)} predictions to {path}")
-        if ordered and SUBMISSION_COLUMN in ordered[0]:
+        if ordered and self._submits(trainer):
             self._write_submission(trainer, ordered, getattr(pl_module, "label_names", None), path)
 
     def _write_submission(self, trainer: L.Trainer, rows: list[dict[str, Any]], label_names: list[str] | None,
@@ -89,7 +116,6 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.world_size > 1:  # each process holds a part of the test rows
             print("melora-lit: GLUE submission files need the whole test split: run predict with one device")
             return
-        folder = Path(self.submission_dir) if self.submission_dir else predictions_file.parent / "glue_submission"
-        self.submission = write_submission(rows, folder, label_names)
+        self.submission = write_submission(rows, self._submission_folder(predictions_file), label_names)
         for path in self.submission:
             print(f"melora-lit: wrote the GLUE leaderboard file {path}")

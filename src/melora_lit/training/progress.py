@@ -2,7 +2,8 @@
 
 A Rich or tqdm bar redraws one line in place; redirected to a file (SLURM, Kubernetes,
 ``nohup``) nothing readable reaches the log until the run ends. :class:`LogLineProgress` prints
-a line every ``every_n_steps`` optimizer steps and one per validation instead::
+a line every ``every_n_steps`` optimizer steps or ``every_n_seconds`` seconds, whichever comes
+first, and one per validation instead::
 
     step 40/120 (33%) epoch 1/3 loss 0.6412 lr 3.62e-04 tokens/s 2,310 elapsed 0:01:05 ETA 0:02:08
     validation step 40 epoch 1: val/accuracy 0.8125, val/loss 0.4410
@@ -37,20 +38,25 @@ def _number(value: float) -> str:
 
 class LogLineProgress(ProgressBar):
     """Plain progress lines for job logs (stdout not a terminal): every ``every_n_steps`` optimizer
-    steps ``step``, ``epoch``, the mean training loss since the last line, the learning rate (of
+    steps or ``every_n_seconds`` seconds (whichever comes first) ``step``, ``epoch``, the mean training loss since the last line, the learning rate (of
     the first parameter group), tokens/s (non-padding tokens of this process since the last line,
     times the number of processes), elapsed time and ETA (at the pace since the last line); after each validation, its metrics.
     Printed by the global-zero process only, flushed at once.
 
     Args:
         every_n_steps: optimizer steps between two lines (at least 1).
+        every_n_seconds: at most this many seconds between two lines, at an optimizer step (a
+            slow run's job log shows progress early); 0: lines by steps only.
     """
 
-    def __init__(self, every_n_steps: int = 50) -> None:
+    def __init__(self, every_n_steps: int = 50, every_n_seconds: float = 30.0) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is not valid; use an integer >= 1")
+        if isinstance(every_n_seconds, bool) or not isinstance(every_n_seconds, (int, float)) or every_n_seconds < 0:
+            raise ValueError(f"every_n_seconds={every_n_seconds!r} is not valid; use a number of seconds >= 0")
         self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
         self._enabled = True
         self._reset_window()
         self._start_time = 0.0
@@ -86,17 +92,16 @@ class LogLineProgress(ProgressBar):
         if not self._enabled:
             return
         self._tokens += num_tokens(batch)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            # Lightning divides each batch's loss by accumulate_grad_batches: the sum over a
-            # step's batches is that step's loss; no .item() here (no device sync per batch)
-            self._loss_sum = self._loss_sum + loss.detach().float()
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients
             return
+        loss = trainer.callback_metrics.get("train/loss_step")  # the step's loss (melora_lit.training.tasks.StepLoss)
+        if isinstance(loss, torch.Tensor):  # no .item() here (no device sync per step)
+            self._loss_sum = self._loss_sum + loss.detach().float()
         self._window_steps += step - self._last_step
         self._last_step = step
-        if step % self.every_n_steps == 0 or step == trainer.max_steps:
+        late = self.every_n_seconds and time.monotonic() - self._window_time >= self.every_n_seconds
+        if step % self.every_n_steps == 0 or step == trainer.max_steps or late:
             self.print(self._train_line(trainer, step))
             self._reset_window()
 

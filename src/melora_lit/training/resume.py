@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from typing import Any, Iterator
 
 import lightning as L
@@ -38,6 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from ..run import worker_init
 
 # torchdata 0.11 calls torch.set_vital, deprecated by recent torch: a warning for every loader
 # made, about torchdata's internals
@@ -199,6 +201,10 @@ class ResumableDataLoader(StatefulDataLoader):
 
     _position: dict[str, Any] | None = None  # after the last batch handed out
     _resumed: dict[str, Any] | None = None  # the position loaded, until the next pass starts
+
+    def __init__(self, *args: Any, worker_init_fn: Callable[[int], Any] | None = None, **kwargs: Any) -> None:
+        # its workers ignore the signals a scheduler sends the process group; a given function still runs
+        super().__init__(*args, worker_init_fn=worker_init(worker_init_fn), **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         # Lightning calls iter() while configure_optimizers counts the steps, before a resumed

@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from ..data.base import MELoRADataModule
     from .causal_lm import GenerationOptions
 
-__all__ = ["TASKS", "BACKBONE_DTYPES", "BackboneSource", "Task", "make_task", "load_backbone"]
+__all__ = ["TASKS", "ATTN_IMPLEMENTATIONS", "BACKBONE_DTYPES", "BackboneSource", "StepLoss", "Task", "make_task", "load_backbone"]
 
 TASKS = ("sequence-classification", "causal-lm")
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: attention backends of transformers that ``attn_implementation`` may name (docs: README, "Attention")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class BackboneSource:
     trust_remote_code: bool = False
     gguf_file: str | None = None
     dtype: str | None = None  # a key of BACKBONE_DTYPES; None: as the checkpoint loads
+    attn_implementation: str | None = None  # one of ATTN_IMPLEMENTATIONS; None: transformers' choice
 
     @property
     def path(self) -> str:
@@ -49,10 +52,35 @@ class BackboneSource:
         path = self.path
         if self.dtype is not None:
             kwargs["dtype"] = BACKBONE_DTYPES[self.dtype]
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
         try:
             return auto_class.from_pretrained(path, trust_remote_code=self.trust_remote_code, **kwargs)
         except OSError as err:
             raise ValueError(f"cannot load model {path!r}{offline_hint(err)}: {first_line(err)}") from None
+
+
+class StepLoss:
+    """The logged ``train/loss`` of an optimizer step: the summed loss of its micro-batches on
+    every process over their count (samples, or target tokens); the epoch's ``train/loss`` is
+    weighted by the same counts."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []  # (loss sum, count) per micro-batch
+
+    def add(self, loss_sum: torch.Tensor, count: torch.Tensor | int) -> None:
+        count = torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device)
+        self.sums.append(torch.stack([loss_sum.detach().double(), count]))
+
+    def log(self, module: L.LightningModule) -> torch.Tensor | None:
+        """Log the step's loss; the step's count over all processes (None: no micro-batch)."""
+        if not self.sums:
+            return None
+        loss_sum, count = module.trainer.strategy.reduce(torch.stack(self.sums).sum(0), reduce_op="sum")
+        self.sums = []
+        count = count.clamp(min=1.0)
+        module.log("train/loss", loss_sum / count, on_step=True, on_epoch=True, prog_bar=True, batch_size=int(count))
+        return count
 
 
 class Task(ABC):
@@ -70,6 +98,22 @@ class Task(ABC):
         """Modules the backbone builds fresh for this task (trained and saved with the adapter
         unless the MELoRA config names its own ``modules_to_save``)."""
         return []
+
+    def __init__(self) -> None:
+        self.step_loss = StepLoss()
+
+    def training_step(self, module: L.LightningModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one (micro-)batch, which Lightning runs backward on: the backbone's own mean
+        over the batch."""
+        loss = module(**batch).loss
+        self.step_loss.add(loss.detach() * len(batch["input_ids"]), len(batch["input_ids"]))
+        return loss
+
+    def finish_gradients(self, module: L.LightningModule) -> None:
+        """Called once per optimizer step, after its last backward (and the gradient all-reduce),
+        before any ``on_before_optimizer_step`` hook, clipping or the step itself: logs the step's
+        ``train/loss``, weighted by samples."""
+        self.step_loss.log(module)
 
     @abstractmethod
     def build_metrics(self, data: MELoRADataModule | None) -> MetricCollection:
