@@ -113,7 +113,7 @@ def _peft_env() -> dict | None:
         return {"PYTHONPATH": str(OLDEST_PEFT_DIR)}
 
 
-@pytest.mark.parametrize("kind", ["merged", "adapter", "peft"])
+@pytest.mark.parametrize("kind", ["merged", "adapter", pytest.param("peft", marks=pytest.mark.slow)])
 def test_exported_folders_answer_as_the_checkpoint(work, kind):
     """``--model`` with each folder ``export`` wrote gives the checkpoint's replies: with
     ``--format alpaca``, and by default in the chat template of the tokenizer (which has one)."""
@@ -166,6 +166,7 @@ def _prompts_shown(stderr: str) -> list[str]:
     return re.split(r"melora-lit: prompt \d+ \(\d+ tokens\):\n", stderr)[1:]
 
 
+@pytest.mark.slow  # a real process reading its stdin
 def test_chat_on_stdin_keeps_the_conversation(work):
     """Without prompts, stdin is a chat (here a pipe): a reply per message on stdout; the second
     prompt is the chat template of the whole conversation (first turn, its reply, second turn);

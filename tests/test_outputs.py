@@ -143,6 +143,7 @@ def refused(base) -> dict:
     return {"procs": procs, "before": before, "after": (_tree(base["work"]), _tree(base["model"]))}
 
 
+@pytest.mark.slow  # real melora-lit processes
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_refused_output_is_one_line_exit_2_and_nothing_changes(refused, base, case):
     """An existing output without the overwrite flag, an output that is or lies inside an input,
@@ -157,6 +158,7 @@ def test_a_refused_output_is_one_line_exit_2_and_nothing_changes(refused, base, 
     assert refused["after"] == refused["before"]
 
 
+@pytest.mark.slow  # real melora-lit processes
 def test_docs_table_shows_each_case_and_its_actual_message(refused, base):
     """docs/errors.md ("Outputs") shows each refused case's actual message."""
     rows = {}
@@ -172,6 +174,7 @@ def test_docs_table_shows_each_case_and_its_actual_message(refused, base):
 
 
 # ------------------------------------------------------------------------------ staged folders
+@pytest.mark.slow  # real melora-lit processes
 def test_overwrite_replaces_an_export_whole(base, tmp_path):
     """``export --overwrite`` replaces the output folder whole: nothing of the earlier one is left
     (a stale file could be taken for part of the new export), and no temporary folder either."""

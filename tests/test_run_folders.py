@@ -119,6 +119,7 @@ def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faul
         assert str(result["root"] / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt") in message
 
 
+@pytest.mark.slow  # the fingerprint cases are real processes
 def test_docs_table_shows_each_case_and_its_actual_message(faults, changes, base):
     """docs/errors.md ("Runs, resume and checkpoints") shows each fault case's actual message (a
     sha256 digest as any 12 hex digits: a backbone's comes from its random weights)."""
@@ -590,6 +591,7 @@ def changes(base) -> dict:
     return out
 
 
+@pytest.mark.slow  # real melora-lit processes
 @pytest.mark.parametrize("case", list(CHANGES))
 def test_a_resume_on_other_data_or_another_backbone_is_refused(changes, base, case):
     """A training file of as many rows and bytes with its labels flipped, a validation file

@@ -173,6 +173,7 @@ def test_workers_ignore_the_stop_signals_and_a_users_worker_init_fn_still_runs(k
     assert item == {"ignored": [True] * 3, "user": "ran in worker 0"}
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_workers_left_running_do_not_hold_up_the_exit(tmp_path):
     """A loader's workers that are still up when the process exits (its iterator not shut down,
     e.g. kept by an exception's traceback) ignore multiprocessing's SIGTERM at exit: they are
@@ -270,6 +271,7 @@ def test_a_bad_input_gives_one_line_exit_2_and_creates_nothing(inputs, case):
     assert result["after"] == result["before"]  # no run folder, no config.yaml, no event file; nothing new
 
 
+@pytest.mark.slow  # the cases are real processes
 def test_docs_table_shows_each_input_case_and_its_actual_message(inputs):
     """docs/errors.md ("Settings and inputs") shows each case's actual message."""
     rows = {}
