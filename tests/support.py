@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,28 @@ VOCAB = 99
 POSITIVE = ["great", "wonderful", "excellent", "superb", "delightful"]
 NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
 FILLER = "the film about a family in a small town with music and a long ending".split()
+
+
+ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``melora-lit: error:`` line of a refused command, without its prefix (asserting
+    there is exactly one and no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0][len("melora-lit: error: "):]
+
+
+def errors_doc_rows(test_file: str) -> dict[str, str]:
+    """The rows of docs/errors.md whose first cell is `` `TEST_FILE::CASE` ``: ``{CASE: message}``,
+    the message being the row's last cell (``\\|`` is a pipe inside a cell)."""
+    prefix, rows = f"`{test_file}::", {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if cells and cells[0].startswith(prefix):
+            rows[cells[0][len(prefix):].strip("`")] = cells[-1].strip("`").strip()
+    return rows
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

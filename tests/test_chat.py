@@ -19,7 +19,7 @@ from melora_lit.data import ChatDataModule
 from melora_lit.data.chat import chitchat_conversations
 from melora_lit.data.packing import PackedCollator, pack_dataset, pack_rows
 from melora_lit.training.generation_eval import reply_scores
-from support import run_main, tree_hashes
+from support import errors_doc_rows, run_main, tree_hashes
 from support import tiny_llama as tiny_llama_model
 from test_instruct import smol_tokenizer, tiny_llama  # noqa: F401 - session fixtures shared with test_instruct
 
@@ -269,7 +269,6 @@ CHAT_FAULTS = {
     "not_utf8": ("latin1.jsonl", "drop"),
     "not_an_object": ("not_object.jsonl", "error"),
 }
-TABLE_PREFIX = "`test_chat.py::"
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +310,7 @@ def test_unreadable_chat_files_name_the_file_and_line(chat_faults):
     assert messages["not_an_object"].startswith("$WORK/not_object.jsonl record 3: not a JSON object: list [1, 2]")
     assert chat_faults["after"] == chat_faults["before"]  # nothing written, not even a run folder
 
-    rows = {}
-    for line in (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0].startswith(TABLE_PREFIX):
-            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    rows = errors_doc_rows("test_chat.py")
     assert rows == messages  # docs/errors.md shows each case's actual message
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import melora_env, melora_popen, run_cli, run_main, tree_hashes, write_run_config
+from support import (error_line, errors_doc_rows, melora_env, melora_popen, run_cli, run_main, tree_hashes,
+                     write_run_config)
 from test_instruct import STANFORD_INPUT, STANFORD_NO_INPUT, _records, smol_tokenizer  # noqa: F401
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TABLE_PREFIX = "`test_generate.py::"
 OLDEST_PEFT_DIR = Path(sys.prefix) / "peft-0.13.0"  # scripts/setup.sh test installs it off sys.path
 ASK = "Name the animal that says moo."
 ASK2 = "Which animal makes this sound?"
@@ -288,16 +287,10 @@ def refused(work) -> dict:
     return {"procs": procs, "before": before, "after": _tree(w)}
 
 
-def _error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0][len("melora-lit: error: "):]
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_value_is_one_line_exit_2_and_nothing_changes(refused, work, case):
     proc = refused["procs"][case]
-    message = _error(proc)
+    message = error_line(proc)
     print(f"{case}: exit {proc.returncode}: {message}")
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
     assert _args(work, [CASES[case][1]])[0] in message, message
@@ -306,14 +299,10 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_changes(refused, work, case)
 
 def test_docs_table_shows_each_case_and_its_actual_message(refused, work):
     """docs/errors.md ("generate") shows each refused case's actual message."""
-    rows = {}
-    for line in DOC.read_text().splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if cells and cells[0].startswith(TABLE_PREFIX):
-            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    rows = errors_doc_rows("test_generate.py")
     assert set(rows) == set(CASES)
     for case in CASES:
-        message = _error(refused["procs"][case])
+        message = error_line(refused["procs"][case])
         for name, path in (("$MERGED", work["export"] / "merged"), ("$LAST", work["last"]), ("$WORK", work["dir"])):
             message = message.replace(str(path), name)
         assert rows[case] == message.replace("|", "\\|"), case

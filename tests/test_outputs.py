@@ -21,18 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import (melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes, with_tests_on_path,
-                     write_config, write_csv)
+from support import (error_line, errors_doc_rows, melora_env, melora_popen, run_cli, run_main, sentiment_rows,
+                     tree_hashes, with_tests_on_path, write_config, write_csv)
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TABLE_PREFIX = "`test_outputs.py::"
 ENV = {"MELORA_LIT_CPU_KERNELS": "0"}  # no kernel build in the processes (nor under a file size limit)
-
-
-def _error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0][len("melora-lit: error: "):]
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -151,7 +143,7 @@ def test_a_refused_output_is_one_line_exit_2_and_nothing_changes(refused, base, 
     extension the writer does not know, a checkpoint name leaving its folder: one line naming the
     option and the path, exit 2, every earlier file byte-identical and nothing created."""
     proc = refused["procs"][case]
-    message = _error(proc)
+    message = error_line(proc)
     print(f"{case}: exit {proc.returncode}: {message}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert _args(base, [CASES[case][1]])[0] in message, message
@@ -161,14 +153,10 @@ def test_a_refused_output_is_one_line_exit_2_and_nothing_changes(refused, base, 
 @pytest.mark.slow  # real melora-lit processes
 def test_docs_table_shows_each_case_and_its_actual_message(refused, base):
     """docs/errors.md ("Outputs") shows each refused case's actual message."""
-    rows = {}
-    for line in DOC.read_text().splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if cells and cells[0].startswith(TABLE_PREFIX):
-            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    rows = errors_doc_rows("test_outputs.py")
     assert set(rows) == set(CASES)
     for case in CASES:
-        message = _error(refused["procs"][case]).replace(str(base["model"]), "$MODEL")
+        message = error_line(refused["procs"][case]).replace(str(base["model"]), "$MODEL")
         message = message.replace(str(base["work"]), "$WORK")
         assert rows[case] == message.replace("|", "\\|"), case
 
@@ -207,7 +195,7 @@ def test_export_under_a_full_disk_exits_74_and_leaves_no_export(base, tmp_path):
     proc = run_cli("export", "--ckpt_path", str(base["last"]), "--format", "all", "--output_dir", str(out),
                    env=melora_env(**ENV), file_size_limit=200_000)
     assert proc.returncode == 74, proc.stderr[-3000:]
-    assert _error(proc) == (f"cannot write {out}: File too large [EFBIG] (disk full or a size limit reached); "
+    assert error_line(proc) == (f"cannot write {out}: File too large [EFBIG] (disk full or a size limit reached); "
                             f"nothing is left half-written (outputs are staged): free space and rerun")
     assert not stale.exists() and list(tmp_path.iterdir()) == []
 

@@ -24,18 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import (melora_cmd, melora_env, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes,
-                     with_tests_on_path, write_config, write_csv)
+from support import (error_line, errors_doc_rows, melora_cmd, melora_env, melora_popen, run_cli, run_main,
+                     sentiment_rows, tree_hashes, with_tests_on_path, write_config, write_csv)
 from melora_lit.errors import EXIT_PREEMPTED
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TABLE_PREFIX = "`test_run_folders.py::"
-
-
-def _error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0][len("melora-lit: error: "):]
 
 
 def _load(path: Path) -> dict:
@@ -111,7 +103,7 @@ def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faul
     (never an older run instead), ``last`` with no run at all, a run failing after it made its
     folder (the folder goes again): one line, exit 2, every earlier file byte-identical."""
     result = faults[case]
-    message = _error(result["proc"])
+    message = error_line(result["proc"])
     print(f"{case}: exit {result['proc'].returncode}: {message}")
     assert result["proc"].returncode == 2 and FAULTS[case][2] in message
     assert result["after"] == result["before"]  # config.yaml, events, checkpoints; nothing new
@@ -123,14 +115,10 @@ def test_fault_gives_one_line_exit_2_and_leaves_every_earlier_run_as_it_was(faul
 def test_docs_table_shows_each_case_and_its_actual_message(faults, changes, base):
     """docs/errors.md ("Runs, resume and checkpoints") shows each fault case's actual message (a
     sha256 digest as any 12 hex digits: a backbone's comes from its random weights)."""
-    rows = {}
-    for line in DOC.read_text().splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if cells and cells[0].startswith(TABLE_PREFIX):
-            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    rows = errors_doc_rows("test_run_folders.py")
     assert set(rows) == set(FAULTS) | set(CHANGES)
     for case, result in [*faults.items(), *changes.items()]:
-        message = _error(result["proc"]).replace(str(result["root"]), "$ROOT").replace(str(base["work"]), "$WORK")
+        message = error_line(result["proc"]).replace(str(result["root"]), "$ROOT").replace(str(base["work"]), "$WORK")
         digests = re.compile(r"\b[0-9a-f]{12}\b")
         assert digests.sub("<sha256>", rows[case]) == digests.sub("<sha256>", message.replace("|", "\\|")), case
 
@@ -327,7 +315,7 @@ def test_a_checkpoint_cannot_enable_remote_code_or_import_a_package(base, tmp_pa
         else:
             proc = run_main("validate", "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path / "runs"))
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert words in _error(proc) and str(ckpt) in _error(proc)
+        assert words in error_line(proc) and str(ckpt) in error_line(proc)
     assert not marker.exists() and "this_module_must_not_be_imported" not in sys.modules
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
     assert tree_hashes(base["work"]) == before
@@ -349,7 +337,7 @@ def test_settings_typed_for_a_resume_are_never_replaced_by_the_checkpoints(base,
                           "was trained with learning_rate=0.01, this run sets learning_rate=0.05")):
         refused = _fit(base, root, *resume, *typed)
         assert refused.returncode == 2, refused.stderr[-3000:]
-        assert words in _error(refused)
+        assert words in error_line(refused)
         assert tree_hashes(root) == before
     applied = _fit(base, root, *resume)
     assert applied.returncode == 0, applied.stderr[-3000:]
@@ -381,7 +369,7 @@ def test_outputs_are_never_replaced_without_overwrite_and_follow_their_extension
              "report": "already holds report.md; pass --overwrite to replace the report"}
     for case, proc in refused.items():
         assert proc.returncode == 2, (case, proc.stderr[-3000:])
-        assert words[case] in _error(proc), case
+        assert words[case] in error_line(proc), case
     assert tree_hashes(tmp_path) == before  # no run folder, no prediction, no report
     replaced = run_main(*predict, "--prediction_writer.output_file", str(preds), "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
@@ -429,7 +417,7 @@ def test_a_resume_refused_for_its_data_writes_nothing(base):
     before = tree_hashes(root)
     proc = _fit(base, root, "--ckpt_path", "last", "--trainer.max_epochs", "2", "--data.init_args.batch_size", "16")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "epoch of 6 batches per process" in _error(proc) and "this run's epochs have 3" in _error(proc)
+    assert "epoch of 6 batches per process" in error_line(proc) and "this run's epochs have 3" in error_line(proc)
     assert tree_hashes(root) == before
 
 
@@ -444,7 +432,7 @@ def test_auto_without_a_run_is_refused_outside_fit(base, tmp_path, command):
                     "--data.init_args.validation_file", str(base["train"]), "--data.init_args.predict_file",
                     str(base["train"]))
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"{command} needs a trained model, not a new one: give --ckpt_path FILE" in _error(proc)
+    assert f"{command} needs a trained model, not a new one: give --ckpt_path FILE" in error_line(proc)
     assert list(root.iterdir()) == []
 
 
@@ -476,8 +464,8 @@ def test_a_misspelled_early_stopping_monitor_is_refused_before_the_first_step(ba
     root = tmp_path / "runs"
     proc = _fit(base, root, "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/acuracy")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "EarlyStopping.monitor='val/acuracy' is never logged by this run" in _error(proc)
-    assert "val/accuracy" in _error(proc) and "melora-lit: after" not in proc.stderr
+    assert "EarlyStopping.monitor='val/acuracy' is never logged by this run" in error_line(proc)
+    assert "val/accuracy" in error_line(proc) and "melora-lit: after" not in proc.stderr
     assert not (root / "lightning_logs").exists() or list((root / "lightning_logs").iterdir()) == []
 
 
@@ -599,7 +587,7 @@ def test_a_resume_on_other_data_or_another_backbone_is_refused(changes, base, ca
     is refused in one line that names the part, the file and how it changed (before: each
     resumed silently), and leaves the run folder byte-identical."""
     result = changes[case]
-    message = _error(result["proc"]).replace(str(base["work"]), "$WORK")
+    message = error_line(result["proc"]).replace(str(base["work"]), "$WORK")
     print(f"{case}: exit {result['proc'].returncode}: {message}")
     assert result["proc"].returncode == 2 and CHANGES[case][2] in message, message
     assert f"pass --accept_change {CHANGES[case][0]} to train on with this one" in message
@@ -645,7 +633,7 @@ def test_an_accepted_training_data_change_that_changes_the_epochs_is_refused_nam
                    "--trainer.max_epochs", "2", "--data.init_args.train_file", str(longer),
                    "--accept_change", "train_data", timeout=900)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    message = _error(proc)
+    message = error_line(proc)
     assert "epoch of 6 batches per process" in message and "this run's epochs have 8" in message
     assert f"; the training data changed (train file {longer} changed (" in message and "rows 48 -> 60)" in message
     assert tree_hashes(root) == before

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -29,18 +28,10 @@ import pytest
 import torch
 import yaml
 
-from support import (melora_popen, run_cli, run_main, sentiment_rows, tree_hashes, with_tests_on_path, write_config,
-                     write_csv)
+from support import (error_line, errors_doc_rows, melora_popen, run_cli, run_main, sentiment_rows, tree_hashes,
+                     with_tests_on_path, write_config, write_csv)
 from melora_lit.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-TABLE_PREFIX = "`test_signals_and_inputs.py::"
-
-
-def _error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("melora-lit: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0][len("melora-lit: error: "):]
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +256,7 @@ def inputs(base) -> dict:
 @pytest.mark.parametrize("case", list(INPUTS))
 def test_a_bad_input_gives_one_line_exit_2_and_creates_nothing(inputs, case):
     result = inputs["results"][case]
-    message = _error(result["proc"]).replace(str(inputs["work"]), "$WORK")
+    message = error_line(result["proc"]).replace(str(inputs["work"]), "$WORK")
     print(f"{case}: exit {result['proc'].returncode}: {message}")
     assert result["proc"].returncode == 2 and INPUTS[case][1] in message, message
     assert result["after"] == result["before"]  # no run folder, no config.yaml, no event file; nothing new
@@ -274,12 +265,8 @@ def test_a_bad_input_gives_one_line_exit_2_and_creates_nothing(inputs, case):
 @pytest.mark.slow  # the cases are real processes
 def test_docs_table_shows_each_input_case_and_its_actual_message(inputs):
     """docs/errors.md ("Settings and inputs") shows each case's actual message."""
-    rows = {}
-    for line in DOC.read_text().splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if cells and cells[0].startswith(TABLE_PREFIX):
-            rows[cells[0][len(TABLE_PREFIX):].strip("`")] = cells[-1].strip("`").strip()
+    rows = errors_doc_rows("test_signals_and_inputs.py")
     assert set(rows) == set(INPUTS)
     for case, result in inputs["results"].items():
-        message = _error(result["proc"]).replace(str(inputs["work"]), "$WORK")
+        message = error_line(result["proc"]).replace(str(inputs["work"]), "$WORK")
         assert rows[case] == message.replace("|", "\\|"), case

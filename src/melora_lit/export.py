@@ -87,10 +87,12 @@ def _model_settings(ckpt: dict, ckpt_path: str, config: str | None, model_name_o
     return settings
 
 
-def load_checkpoint_model(ckpt_path: str, config: str | None = None, model_name_or_path: str | None = None):
+def load_checkpoint_model(ckpt_path: str, config: str | None = None, model_name_or_path: str | None = None,
+                          command: str | None = None):
     """The :class:`~melora_lit.training.module.MELoRAModule` of a checkpoint, backbone loaded from its
     source and adapter from the checkpoint, in eval mode (read and checked as every reader does:
-    :mod:`melora_lit.training.checkpoints`)."""
+    :mod:`melora_lit.training.checkpoints`). ``command``: the one that has ``--model_name_or_path``,
+    named in the error when the recorded backbone cannot be loaded."""
     from .training.checkpoints import load_module, read_checkpoint
     from .training.module import MELoRAModule
 
@@ -98,7 +100,13 @@ def load_checkpoint_model(ckpt_path: str, config: str | None = None, model_name_
     if "state_dict" not in ckpt:
         raise ValueError(f"checkpoint {ckpt_path} is a sharded folder: resume it with fit --ckpt_path to write a "
                          f"full checkpoint (the strategy's default), then export that")
-    return load_module(MELoRAModule, ckpt_path, **_model_settings(ckpt, ckpt_path, config, model_name_or_path))
+    try:
+        return load_module(MELoRAModule, ckpt_path, **_model_settings(ckpt, ckpt_path, config, model_name_or_path))
+    except ModelSourceError as err:
+        if model_name_or_path is not None or command is None:
+            raise
+        raise ModelSourceError(f"{err}; the backbone's source is the one recorded in {ckpt_path}: pass "
+                               f"{command} --model_name_or_path DIR to load it from another folder") from None
 
 
 def export_checkpoint(
@@ -137,13 +145,7 @@ def export_checkpoint(
                         replaced=overwrite)
     formats = list(FORMATS) if format == "all" else [format]
 
-    try:
-        module = load_checkpoint_model(ckpt_path, config, model_name_or_path)
-    except ModelSourceError as err:
-        if model_name_or_path is not None:
-            raise
-        raise ModelSourceError(f"{err}; the backbone's source is the one recorded in {ckpt_path}: pass "
-                               "export --model_name_or_path DIR to load it from another folder") from None
+    module = load_checkpoint_model(ckpt_path, config, model_name_or_path, command="export")
     hp = module.hparams
     source = gguf_source(hp.model_name_or_path, hp.get("gguf_file"))
     resolved = resolve_pretrained(hp.model_name_or_path, hp.get("gguf_file"))
@@ -185,7 +187,7 @@ def _usage(kind: str, base: BaseDescription, causal: bool, melora: dict[str, Any
                 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
         serve = ["vllm serve path/to/this/folder"]
     elif kind == "peft":
-        code = [f"from peft import PeftModel", f"from transformers import {auto}", "",
+        code = ["from peft import PeftModel", f"from transformers import {auto}", "",
                 f'base = {auto}.from_pretrained("{name}"){where}',
                 'model = PeftModel.from_pretrained(base, "path/to/this/folder")']
         rank = (melora.get("n") or 1) * (melora.get("r") or 1)
@@ -206,7 +208,7 @@ _DATA_KEYS = ("task", "dataset_name", "dataset_config", "data_dir", "train_file"
 _LIBRARY = {"merged": "transformers", "peft": "peft", "adapter": "melora-lit"}
 
 
-def _run_config(ckpt_path: str, config: str | None) -> dict[str, Any]:
+def run_config(ckpt_path: str, config: str | None) -> dict[str, Any]:
     """The run's config: ``config``, else the ``config.yaml`` LightningCLI saved beside the
     checkpoint's folder (``RUN/checkpoints/x.ckpt`` -> ``RUN/config.yaml``); {} if none."""
     import yaml
@@ -258,7 +260,7 @@ def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None
                              "license": base.license or "other", "library_name": _LIBRARY[kind],
                              "tags": ["melora", "lora", "melora-lit", "lightning"],
                              "pipeline_tag": "text-generation" if causal else "text-classification"}
-    data = _run_config(ckpt_path, config).get("data") or {}
+    data = run_config(ckpt_path, config).get("data") or {}
     data_class = data.get("class_path") if isinstance(data, dict) else None
     data_args = (data.get("init_args") or {}) if isinstance(data, dict) else {}
     sources = {k: data_args[k] for k in _DATA_KEYS if data_args.get(k) not in (None, "")}

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .errors import ModelSourceError, OneLineArgumentParser, data_file_error, first_line
+from .errors import OneLineArgumentParser, data_file_error, first_line
 from .run import LAST, check_output, check_protected, find_last, preemption, remove_stale_temp_files, staged
 
 if TYPE_CHECKING:
@@ -279,9 +279,9 @@ def _run_prompt_format(data: Any) -> tuple[str | None, str | None, str | None]:
 def _newest_checkpoint(config: str | None) -> str:
     """``--ckpt_path last``: the newest run's ``last*.ckpt`` (:func:`melora_lit.run.find_last`)
     under the config's ``trainer.default_root_dir``, else under the current folder."""
-    from .export import _run_config
+    from .export import run_config
 
-    trainer = (_run_config("", config).get("trainer") or {}) if config else {}
+    trainer = (run_config("", config).get("trainer") or {}) if config else {}
     root = Path(trainer.get("default_root_dir") or os.getcwd())
     found, _ = find_last(None, root / "lightning_logs", root / "checkpoints")
     if found is None:
@@ -294,7 +294,7 @@ def _newest_checkpoint(config: str | None) -> str:
 def _from_checkpoint(ckpt_path: str, config: str | None, model_name_or_path: str | None,
                      output: Path | None) -> tuple[Any, Any, tuple[str | None, str | None, str | None]]:
     """The adapted model of a checkpoint, the backbone's tokenizer and the run's prompt format."""
-    from .export import _run_config, load_checkpoint_model
+    from .export import load_checkpoint_model, run_config
     from .training.checkpoints import read_checkpoint
 
     hparams = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
@@ -304,14 +304,8 @@ def _from_checkpoint(ckpt_path: str, config: str | None, model_name_or_path: str
     if output is not None and model_name_or_path is None:
         check_protected(output, "--output", [("model_name_or_path recorded in the checkpoint",
                                               hparams.get("model_name_or_path"))])
-    try:
-        module = load_checkpoint_model(ckpt_path, config, model_name_or_path)
-    except ModelSourceError as err:
-        if model_name_or_path is not None:
-            raise
-        raise ModelSourceError(f"{err}; the backbone's source is the one recorded in {ckpt_path}: pass "
-                               "generate --model_name_or_path DIR to load it from another folder") from None
-    run_format = _run_prompt_format(_run_config(ckpt_path, config).get("data"))
+    module = load_checkpoint_model(ckpt_path, config, model_name_or_path, command="generate")
+    run_format = _run_prompt_format(run_config(ckpt_path, config).get("data"))
     return module.model, module.task.tokenizer(module.hparams), run_format
 
 
