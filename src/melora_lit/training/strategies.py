@@ -145,7 +145,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _plain(optimizer: Any) -> torch.optim.Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer  # public property
 
 
 class _AdapterCheckpointMixin:
