@@ -1,11 +1,11 @@
 # melora-lit on a CUDA PyTorch base image; the image's torch (a CUDA build) is kept as it is.
 # It installs what every shipped config needs (the [all] extra, and the SmolLM2 GGUF of the
-# instruct quickstart). One GPU, then 4 GPUs with torchrun (examples in README.md, "Install"):
+# instruct quickstart). One GPU, then 4 GPUs with melora-lit launch (examples in README.md, "Install"):
 #   docker build -t melora-lit .
 #   docker run --gpus '"device=0"' --ipc=host -v "$PWD/runs:/work/lightning_logs" melora-lit \
 #       fit --config /app/configs/glue/rte.yaml
-#   docker run --gpus all --ipc=host -v "$PWD/runs:/work/lightning_logs" --entrypoint torchrun melora-lit \
-#       --nproc-per-node 4 --no-python melora-lit fit --config /app/configs/glue/rte.yaml \
+#   docker run --gpus all --ipc=host -v "$PWD/runs:/work/lightning_logs" melora-lit \
+#       launch --nproc-per-node 4 fit --config /app/configs/glue/rte.yaml \
 #       --config /app/configs/strategy/ddp.yaml --trainer.devices 4
 # Multi-node (torchrun, SLURM, Kubernetes): docs/multinode.md.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
@@ -15,6 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# tini as PID 1 (the entrypoint below): the kernel gives PID 1 no default signal actions, so a
+# SIGTERM (docker stop, a pod's eviction) that reaches it before melora-lit has taken its signals
+# would be ignored, and PID 1 must reap orphaned processes (zombies); tini passes the signals on to
+# melora-lit and reaps. `docker run --init` is the same (Docker's own tini) for another entrypoint.
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -40,6 +46,6 @@ USER melora
 WORKDIR /work
 VOLUME ["/work/lightning_logs", "/work/.cache/huggingface"]
 
-ENTRYPOINT ["melora-lit"]
+ENTRYPOINT ["/usr/bin/tini", "--", "melora-lit"]
 # no arguments: the quickstart (MiniLM on BBC News, shipped by the quickstart extra, no hub needed)
 CMD ["fit"]

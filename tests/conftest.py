@@ -45,10 +45,10 @@ def saved_bert_no_dropout(tmp_path_factory) -> str:
 # The modules with the longest runs first: pytest-xdist (--dist loadscope) hands modules to the
 # workers in collection order, so the long ones start at once and the short ones fill in at the
 # end, instead of one worker finishing a long module alone (longest-first scheduling).
-LONGEST_FIRST = ["test_distributed", "test_gpu_check", "test_resilience", "test_outputs", "test_quantization",
-                 "test_run_folders", "test_signals_and_inputs", "test_generate", "test_token_weighted_loss",
-                 "test_warm_start", "test_chat", "test_training", "test_errors", "test_conventions", "test_tracking",
-                 "test_gguf", "test_instruct"]
+LONGEST_FIRST = ["test_distributed", "test_cluster", "test_gpu_check", "test_resilience", "test_outputs",
+                 "test_quantization", "test_run_folders", "test_signals_and_inputs", "test_slurm", "test_generate",
+                 "test_token_weighted_loss", "test_warm_start", "test_chat", "test_training", "test_errors",
+                 "test_conventions", "test_tracking", "test_gguf", "test_instruct"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -184,7 +184,7 @@ def write_config(path: Path, model: str, train_csv: Path, root: Path, *, trainer
                "warmup_ratio": 0.1, "weight_decay": 0.01,
                "melora": {"r": 2, "n": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "value"]},
                **(model_args or {})},
-        data=csv_classification_data(train_csv, val_fraction=0.25, batch_size=8, max_length=32),
+        data=csv_classification_data(train_csv, val_size=0.25, batch_size=8, max_length=32),
         trainer={"max_epochs": 2, **(trainer or {})}, extra=extra,
     )
 

@@ -158,7 +158,9 @@ def test_bad_records_are_dropped_and_counted_or_refused(smol_tokenizer, tmp_path
     path = _write(tmp_path / "mixed.jsonl", good[:2] + bad + good[2:])
     dm = ChatDataModule(train_file=path, tokenizer=smol_tokenizer, val_size=1)
     dm.setup("fit")
-    assert dm.rejected[path] == 4 and len(dm.train_dataset) + len(dm.val_datasets[0]) == 4
+    assert sum(dm.dropped[path].values()) == 4 and len(dm.train_dataset) + len(dm.val_datasets[0]) == 4
+    assert dm.dropped[path] == {"empty conversation": 1, "two assistant turns in a row": 1, "unknown role": 1,
+                                "non-string content": 1}  # one count, by reason
     strict = ChatDataModule(train_file=path, tokenizer=smol_tokenizer, val_size=1, bad_records="error")
     with pytest.raises(ValueError, match=r"mixed\.jsonl record 3: empty conversation"):
         strict.setup("fit")
@@ -189,13 +191,13 @@ def test_each_record_has_its_own_format(smol_tokenizer, tmp_path):  # noqa: F811
     expected = tokens(read(reference))
     for path in (mixed, variants):  # all 40 records, the same tokens as the all-OpenAI file
         dm = read(path, bad_records="error")
-        assert dm.rejected[path] == 0 and len(dm.train_dataset) + len(dm.val_datasets[0]) == 40
+        assert sum(dm.dropped[path].values()) == 0 and len(dm.train_dataset) + len(dm.val_datasets[0]) == 40
         assert tokens(dm) == expected
     # an explicit format still forces one layout: the other records are bad, dropped with a warning
     with pytest.warns(UserWarning, match=r"mixed\.jsonl: dropped 20 bad records of 40: 20 empty conversation "
                                          r"\(first: record 2\); bad_records: error stops at the first instead"):
         forced = read(mixed, format="openai")
-    assert forced.rejected[mixed] == 20 and len(forced.train_dataset) + len(forced.val_datasets[0]) == 20
+    assert sum(forced.dropped[mixed].values()) == 20 and len(forced.train_dataset) + len(forced.val_datasets[0]) == 20
 
 
 # the Meta-Llama-3-Instruct template (its end of turn <|eot_id|> is not the tokenizer's EOS here)
@@ -408,6 +410,36 @@ def test_chitchat_conversations_alternate_and_keep_every_message():
     for chat in chats[:500]:
         roles = [m["role"] for m in chat["messages"]]
         assert roles == ["user", "assistant", "user", "assistant"][:len(roles)] and len(roles) >= 2
+    # one reader: the chats and the instruction pairs hold the very messages it reads
+    from melora_lit.data.chitchat import chitchat_pairs, chitchat_turns
+
+    conversations = list(chitchat_turns())
+    first = [m["content"] for chat in chitchat_conversations(max_messages=10 ** 6) for m in chat["messages"]]
+    assert first == [t for turns in conversations if len(turns) >= 2 for t in turns]
+    assert sum(1 for _ in chitchat_pairs()) == sum(max(len(turns) - 1, 0) for turns in conversations)
+
+
+def test_chat_and_instruction_data_share_one_base_with_their_own_encoders(smol_tokenizer, tmp_path):  # noqa: F811
+    """Chat and instruction data are siblings on one causal-LM base, each with its encoder; every
+    split is a datasets.Dataset."""
+    from datasets import Dataset
+
+    from melora_lit.data import ChitChatConversationsDataModule, InstructionDataModule
+    from melora_lit.data.causal_lm import CausalLMDataModule
+    from melora_lit.data.chat import ChatTemplateEncoder
+    from melora_lit.data.instruction import PromptEncoder
+
+    assert not issubclass(ChatDataModule, InstructionDataModule)
+    assert issubclass(ChatDataModule, CausalLMDataModule) and issubclass(InstructionDataModule, CausalLMDataModule)
+    dm = ChitChatConversationsDataModule(tokenizer=smol_tokenizer, max_records=40, val_size=4, max_length=64)
+    dm.setup(None)
+    assert isinstance(dm.encoder, ChatTemplateEncoder)
+    assert all(isinstance(ds, Dataset) for ds in (dm._train_split(), *dm._val_splits(), dm.raw_predict))
+    rows = [{"instruction": "Say hi.", "input": "", "output": "hi"}] * 6
+    (tmp_path / "i.json").write_text(json.dumps(rows))
+    idm = InstructionDataModule(train_file=str(tmp_path / "i.json"), tokenizer=smol_tokenizer, val_size=2)
+    idm.setup(None)
+    assert isinstance(idm.encoder, PromptEncoder) and isinstance(idm.raw_predict, Dataset)
 
 
 # ----------------------------------------------------------------------------- through the CLI

@@ -367,6 +367,20 @@ def _imports(source: Path) -> set[str]:
     return names
 
 
+def _local_modules(source: Path) -> list[Path]:
+    """``source`` and the modules of its own package it imports (``from .x import``), transitively:
+    a data module's file and e.g. the Chit-Chat reader it shares with another."""
+    found, todo = [], [source]
+    while todo:
+        path = todo.pop()
+        if path in found or not path.is_file():
+            continue
+        found.append(path)
+        todo += [path.parent / f"{n.module}.py" for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module]
+    return found
+
+
 @functools.cache
 def _installed() -> dict[str, list[str]]:
     return packages_distributions()
@@ -419,7 +433,8 @@ def test_dockerfile_installs_what_every_shipped_config_needs():
                 name = data_class.rsplit(".", 1)[1]
                 source = next(p for p in (ROOT / "src/melora_lit/data").glob("*.py")
                               if f"class {name}(" in p.read_text())
-            for mod in _imports(source) - set(sys.stdlib_module_names) - {"melora_lit"}:
+            imported = set().union(*map(_imports, _local_modules(source)))
+            for mod in imported - set(sys.stdlib_module_names) - {"melora_lit"}:
                 want |= _distributions(mod)
         needed[str(path.relative_to(ROOT))] = want
     everything = set().union(*needed.values())
@@ -429,6 +444,17 @@ def test_dockerfile_installs_what_every_shipped_config_needs():
     # and .dockerignore keeps the build context small
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "lightning_logs", "tests"} <= set(ignored)
+
+
+def test_the_container_runs_melora_lit_under_an_init_process():
+    """PID 1 has no default signal actions (an early SIGTERM would be ignored) and must reap
+    zombies: the image's entrypoint is tini, installed as root from the base image's apt, which
+    runs melora-lit (issue 24)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = re.findall(r"^ENTRYPOINT (.*)$", dockerfile, re.M)
+    assert entrypoint == ['["/usr/bin/tini", "--", "melora-lit"]']
+    install = "apt-get install -y --no-install-recommends tini"
+    assert install in dockerfile and dockerfile.index(install) < dockerfile.index("\nUSER ")
 
 
 def test_test_without_a_test_split_says_it_reports_the_validation_split(tmp_path, dropout_bert):

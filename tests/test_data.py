@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def test_csv_string_labels_are_sorted_and_encoded(tmp_path, tokenizer):
     labels = ["sport", "politics", "tech", "politics"] * 5
     pd.DataFrame({"text": _texts(20), "label": labels}).to_csv(path, index=False)
     dm = TextClassificationDataModule(
-        train_file=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "c"), val_fraction=0.2
+        train_file=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "c"), val_size=0.2
     )
     # available before setup: the CLI builds the model from it
     assert dm.label_names == ["politics", "sport", "tech"] and dm.num_labels == 3
@@ -314,7 +315,7 @@ def test_integer_labels_keep_their_ids(tmp_path, tokenizer):
             f.write(json.dumps({"body": text, "y": [2, 0, 1][i % 3]}) + "\n")
     dm = TextClassificationDataModule(
         train_file=str(path), text_columns=["body"], label_column="y", tokenizer=tokenizer,
-        cache_dir=str(tmp_path / "c"), val_fraction=0.25,
+        cache_dir=str(tmp_path / "c"), val_size=0.25,
     )  # fmt: skip
     assert dm.label_names == ["0", "1", "2"]
     dm.setup("fit")
@@ -350,7 +351,7 @@ def test_validation_split_is_seeded_stratified_and_disjoint(tmp_path, tokenizer)
 
     def split(seed: int):
         dm = TextClassificationDataModule(
-            train_file=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "c"), val_fraction=0.2, seed=seed
+            train_file=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "c"), val_size=0.2, seed=seed
         )
         dm.setup("fit")
         return dm.train_dataset, dm.val_datasets[0]
@@ -403,8 +404,62 @@ def test_user_data_errors_are_one_line(tmp_path, tokenizer):
     assert ".xlsx" in _one_line_error(err)
 
     with pytest.raises(ValueError) as err:
-        make(val_fraction=1.5)
+        make(val_size=1.5)
     assert "1.5" in _one_line_error(err)
+
+
+def test_val_fraction_is_the_old_name_of_val_size(tmp_path, tokenizer, caplog):
+    """One name for the validation fraction in every data module: ``val_fraction`` (the
+    classification modules' old name) still works, with a one-line warning naming ``val_size``;
+    both given is a one-line error."""
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"text": _texts(20), "label": ["pos", "neg"] * 10}).to_csv(path, index=False)
+
+    def make(**kw) -> TextClassificationDataModule:
+        return TextClassificationDataModule(train_file=str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "c"),
+                                            **kw)
+
+    with caplog.at_level("INFO"):
+        old = make(val_fraction=0.25)
+    assert [r.getMessage() for r in caplog.records] == [
+        "melora-lit: val_fraction is deprecated: use val_size, its new name"]
+    new = make(val_size=0.25)
+    old.setup("fit"), new.setup("fit")
+    assert old.val_size == 0.25 and old.data_fingerprint() == new.data_fingerprint()
+    assert new.val_datasets[0]["input_ids"] == old.val_datasets[0]["input_ids"]
+    with pytest.raises(ValueError) as err:
+        make(val_fraction=0.25, val_size=0.3)
+    assert _one_line_error(err) == ("val_fraction=0.25 and val_size=0.3 are the same setting (val_fraction is the old "
+                                    "name of val_size); pass val_size only")
+
+
+def test_loader_settings_are_declared_once_and_the_cli_still_shows_them(capsys):
+    """The loader settings are parameters of ``MELoRADataModule.__init__`` only; each data module
+    passes them on as ``**kwargs``, and LightningCLI follows them there: ``--help`` lists each
+    with its default and help text, the module's own defaults where they differ."""
+    from jsonargparse import ArgumentParser
+
+    from melora_lit.data import (BBCNewsDataModule, ChatDataModule, ChitChatConversationsDataModule,
+                                 ChitChatDataModule, GLUEDataModule, InstructionDataModule)
+    from melora_lit.data.base import MELoRADataModule
+
+    shared = ["tokenizer", "max_length", "batch_size", "eval_batch_size", "max_train_samples", "num_workers", "seed",
+              "cache_dir"]
+    assert list(inspect.signature(MELoRADataModule.__init__).parameters)[1:] == shared
+    defaults = {GLUEDataModule: (128, 32), TextClassificationDataModule: (256, 32), BBCNewsDataModule: (128, 32),
+                InstructionDataModule: (256, 8), ChitChatDataModule: (128, 8), ChatDataModule: (1024, 8),
+                ChitChatConversationsDataModule: (256, 8)}
+    for cls, (max_length, batch_size) in defaults.items():
+        own = inspect.signature(cls.__init__).parameters
+        assert not {"tokenizer", "num_workers", "seed", "cache_dir"} & set(own), cls
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "data")
+        cfg = parser.get_defaults()
+        assert [cfg.data[k] for k in shared] == [None, max_length, batch_size, None, None, 0, 42, None], cls
+        help_text = parser.format_help()
+        assert "--data.num_workers NUM_WORKERS" in help_text and "DataLoader worker processes" in help_text, cls
+        if cls in (ChitChatDataModule, ChitChatConversationsDataModule, BBCNewsDataModule):
+            assert "train_file" not in cfg.data, cls  # their data is their own: no file options
 
 
 def test_label_names_round_trip_through_state_dict(tmp_path, tokenizer):

@@ -55,7 +55,7 @@ def distributed_config(path: Path, model: str, train_csv: Path, root: Path, **tr
         model={"model_name_or_path": model, "learning_rate": 2e-2, "head_learning_rate": 2e-2,
                "warmup_ratio": 0.0, "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0,
                                                "target_modules": ["query", "value"]}},
-        data=csv_classification_data(train_csv, val_fraction=0.2, batch_size=32, max_length=32),
+        data=csv_classification_data(train_csv, val_size=0.2, batch_size=32, max_length=32),
         # small enough to clip every step: the global gradient norm must be the same with
         # gradients averaged (DDP) or sharded (FSDP2) as on one process
         trainer={"max_epochs": 4, "gradient_clip_val": 0.05, **trainer},
@@ -502,7 +502,7 @@ def test_another_number_of_processes_is_refused_mid_epoch_and_exact_at_an_epoch_
     anything is written (the run folder byte-identical). From the end of epoch 0 with the same
     global batch (1 x 8 = 2 x 4): epoch 1 trains every row exactly once. With another number of
     batches per epoch (1 x 4), Lightning would cut the next epoch short: refused."""
-    from melora_lit.training.resume import check_same_data_order
+    from melora_lit.loading import check_same_data_order
 
     cfg, root = resume_config(resume_setup, "one-process")
     ref_root = ddp_uninterrupted["root"]
@@ -549,7 +549,7 @@ def test_each_rank_deals_and_resumes_its_share_of_the_epoch_order(num_workers):
     its state continues with exactly its remaining indices. The same for the length-grouped
     order of instruction data."""
     from melora_lit.data.instruction import LengthGroupedSampler
-    from melora_lit.training.resume import ResumableDataLoader, ResumableRandomSampler
+    from melora_lit.loading import ResumableDataLoader, ResumableRandomSampler
 
     data = list(range(27))
 

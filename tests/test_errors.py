@@ -141,6 +141,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "glue_labels_unparseable": (["fit", "--config", "$WORK/glue.yaml"], "'maybe'"),
     "yaml_syntax_error": (["fit", "--config", "$WORK/bad_syntax.yaml"], "$WORK/bad_syntax.yaml: YAML syntax error at line 4"),
     "melora_rank_not_integer": (["fit", "--model.melora.r", "1.5"], "model.melora.r=1.5 is not valid; use an integer"),
+    "val_fraction_and_val_size": (["fit", "--data.init_args.val_fraction", "0.2"], "pass val_size only"),
     # a machine fault: the disk fills while the resumed run writes its next checkpoint (a file size
     # limit stands in for a full disk: a small filesystem needs mount privileges)
     "disk_full": (["fit", "--trainer.default_root_dir", "$WORK/full_disk_runs", "--ckpt_path", "last",

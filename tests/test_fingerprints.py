@@ -81,16 +81,16 @@ def test_data_fingerprints_name_the_changed_file_and_the_rows(tmp_path):
         return {"data": dm.data_fingerprint()}
 
     write_csv(tmp_path / "train.csv", sentiment_rows(40, seed=1))
-    saved = fingerprint(val_fraction=0.25)
+    saved = fingerprint(val_size=0.25)
     assert saved["data"]["train"]["rows"] == 30 and saved["data"]["val"]["rows"] == 10
     assert saved["data"]["train"]["files"] == [file_fingerprint(tmp_path / "train.csv")]
     assert saved["data"]["val"]["settings"]["held_out_of"] == "train"
-    assert fingerprint_changes(saved, fingerprint(val_fraction=0.25)) == []
-    assert fingerprint_changes(saved, fingerprint(val_fraction=0.5)) == [
-        ("train_data", "the train split's val_fraction changed (0.25 -> 0.5)")]
+    assert fingerprint_changes(saved, fingerprint(val_size=0.25)) == []
+    assert fingerprint_changes(saved, fingerprint(val_size=0.5)) == [
+        ("train_data", "the train split's val_size changed (0.25 -> 0.5)")]
     before = saved["data"]["train"]["files"][0]["sha256"][:12]
     write_csv(tmp_path / "train.csv", sentiment_rows(48, seed=1))
-    [(part, what)] = fingerprint_changes(saved, fingerprint(val_fraction=0.25))
+    [(part, what)] = fingerprint_changes(saved, fingerprint(val_size=0.25))
     assert part == "train_data" and what.startswith(f"train file {tmp_path / 'train.csv'} changed (size ")
     assert f"sha256 {before} -> " in what and what.endswith(", rows 30 -> 36)")
 
@@ -127,3 +127,12 @@ def test_a_checkpoint_without_fingerprints_resumes_as_before_and_an_acceptance_c
         check_fingerprints("old.ckpt", ckpt, new, ["train_data"])
     assert [part for part, _ in check_fingerprints("old.ckpt", ckpt, new, ["train_data", "backbone"])] == \
         ["train_data", "backbone"]
+
+
+def test_a_split_setting_saved_under_its_old_name_compares_equal():
+    """Checkpoints made before ``val_fraction`` became ``val_size`` resume without a change."""
+    old = {"data": {"train": {"files": [], "rows": 3, "settings": {"val_fraction": 0.25, "seed": 1}}}}
+    new = {"data": {"train": {"files": [], "rows": 3, "settings": {"val_size": 0.25, "seed": 1}}}}
+    assert fingerprint_changes(old, new) == []
+    new["data"]["train"]["settings"]["val_size"] = 0.5
+    assert fingerprint_changes(old, new) == [("train_data", "the train split's val_size changed (0.25 -> 0.5)")]

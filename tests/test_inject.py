@@ -178,6 +178,46 @@ def test_modules_to_save_trainable_and_in_adapter_state():
     assert model2.bert.pooler.dense.weight.requires_grad
 
 
+@pytest.mark.parametrize("make, config", [
+    (tiny_bert, {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}),
+    (tiny_gpt2, {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"]}),  # lm_head tied to wte
+    (tiny_llama, {"target_modules": "all-linear", "modules_to_save": ["model.norm"]}),
+])
+def test_one_trainable_set_for_the_optimizer_the_checkpoint_and_the_counts(make, config):
+    from melora_lit.adapter.inject import is_adapter_key
+    from melora_lit.training.optim import parameter_groups
+
+    model = make()
+    summary = inject_melora(model, cfg(**config))
+    saved = summary.modules_to_save
+    params = adapter_params(model, saved)
+    # what trains: exactly the parameters inject_melora left trainable, in the model's order
+    assert list(params) == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert summary.trainable_params == sum(p.numel() for p in params.values())
+    groups = parameter_groups(model, saved, 1e-3, 5e-3, 0.01)
+    grouped = [p for g in groups for p in g["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, params.values())) and len(grouped) == len(params)
+    for g in groups:  # each group in the model's order
+        order = [list(map(id, params.values())).index(id(p)) for p in g["params"]]
+        assert order == sorted(order)
+    # what is saved: the same tensors, by state-dict key (a tied head under its own name too)
+    state = adapter_state_dict(model, saved)
+    assert {id(t) for t in state.values() if isinstance(t, nn.Parameter)} <= set(map(id, params.values()))
+    assert all(is_adapter_key(k, melora_layers(model), saved) for k in state)
+    if make is tiny_gpt2:  # the tied head's weight trains under the embeddings' name, at their rate
+        assert "transformer.wte.weight" in params and "lm_head.weight" in state
+        assert next(g["lr"] for g in groups if any(p is params["transformer.wte.weight"] for p in g["params"])) == 1e-3
+
+
+def test_a_saved_module_keeps_its_name_inside_torch_wrappers():
+    from melora_lit.adapter.inject import is_adapter_key
+
+    saved = ["bert.encoder.layer.0.output.LayerNorm"]
+    assert is_adapter_key("bert.encoder.layer.0._fsdp_wrapped_module.output.LayerNorm.weight", (), saved)
+    assert is_adapter_key("bert.encoder.layer.0._checkpoint_wrapped_module.output.LayerNorm.bias", (), saved)
+    assert not is_adapter_key("bert.encoder.layer.0.x_orig_mod.output.LayerNorm.bias", (), saved)
+
+
 # --------------------------------------------------------------------------- gradients
 
 

@@ -107,7 +107,7 @@ def test_labels_mask_every_prompt_and_padding_token_and_nothing_else(smol_tokeni
         instruction="Give the opposite of the word.", input="hot")
     assert dm.format_prompt("Say hello.") == STANFORD_NO_INPUT.format(instruction="Say hello.")
 
-    enc = dm.formatter.encode({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+    enc = dm.encoder.encode_batch({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
     batch = dm._collator()([{k: enc[k][i] for k in enc} for i in range(2)])
     assert batch["input_ids"].shape == batch["labels"].shape
     for i, row in enumerate(rows):
@@ -130,7 +130,7 @@ def test_labels_mask_every_prompt_and_padding_token_and_nothing_else(smol_tokeni
 def test_train_on_inputs_labels_every_real_token(smol_tokenizer, tmp_path):
     rows = _records(6)
     dm = _dm(smol_tokenizer, rows, tmp_path, train_on_inputs=True)
-    enc = dm.formatter.encode({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+    enc = dm.encoder.encode_batch({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
     batch = dm._collator()([{k: enc[k][i] for k in enc} for i in range(len(rows))])
     real = batch["attention_mask"].bool()
     assert torch.equal(batch["labels"][real], batch["input_ids"][real])
@@ -143,7 +143,7 @@ def test_truncation_keeps_a_response_token_or_drops_the_record(smol_tokenizer, t
     dm = _dm(smol_tokenizer, [short, long_prompt, short, short], tmp_path, max_length=40, val_size=1)
     tok = dm.tokenizer
     prompt_len = len(tok(STANFORD_NO_INPUT.format(instruction="Say yes."), add_special_tokens=False)["input_ids"])
-    enc = dm.formatter.encode({k: [r[k] for r in (short, long_prompt)] for k in ("instruction", "input", "output")})
+    enc = dm.encoder.encode_batch({k: [r[k] for r in (short, long_prompt)] for k in ("instruction", "input", "output")})
     assert len(enc["input_ids"]) == 1  # the record whose prompt fills max_length is gone
     ids, labels = enc["input_ids"][0], enc["labels"][0]
     assert len(ids) == 40 and labels[:prompt_len] == [-100] * prompt_len
@@ -152,17 +152,17 @@ def test_truncation_keeps_a_response_token_or_drops_the_record(smol_tokenizer, t
 
     # prompt exactly max_length - 1 long: one response token survives
     dm1 = _dm(smol_tokenizer, [short] * 3, tmp_path, max_length=prompt_len + 1, val_size=1)
-    one = dm1.formatter.encode({k: [short[k]] for k in ("instruction", "input", "output")})
+    one = dm1.encoder.encode_batch({k: [short[k]] for k in ("instruction", "input", "output")})
     assert [lab for lab in one["labels"][0] if lab != -100] == [tok("yes", add_special_tokens=False)["input_ids"][0]]
     # prompt exactly max_length long: dropped
     dm0 = _dm(smol_tokenizer, [short] * 3, tmp_path, max_length=prompt_len, val_size=1)
-    assert dm0.formatter.encode({k: [short[k]] for k in ("instruction", "input", "output")})["input_ids"] == []
+    assert dm0.encoder.encode_batch({k: [short[k]] for k in ("instruction", "input", "output")})["input_ids"] == []
 
     # through setup: counted per split
     rows = [short] * 7 + [long_prompt] * 3
     dm = _dm(smol_tokenizer, rows, tmp_path, max_length=40, val_size=2, seed=1)
     dm.setup("fit")
-    assert dm.dropped["train"] + dm.dropped["val"] == 3
+    assert sum(dm.dropped["train"].values()) + sum(dm.dropped["val"].values()) == 3
     assert len(dm.train_dataset) + len(dm.val_datasets[0]) == 7
     for ex in dm.train_dataset:
         assert len(ex["input_ids"]) <= 40 and any(lab != -100 for lab in ex["labels"])
@@ -173,7 +173,7 @@ def test_chat_template_prompt_and_response(smol_tokenizer, tmp_path):
             {"instruction": "Translate to French.", "input": "cat", "output": "chat"}]
     dm = _dm(smol_tokenizer, rows, tmp_path, prompt_format="chat", system_prompt="Be brief.")
     tok = dm.tokenizer
-    enc = dm.formatter.encode({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+    enc = dm.encoder.encode_batch({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
     for i, row in enumerate(rows):
         user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
@@ -230,7 +230,8 @@ def test_real_alpaca_demo_loads_and_splits_reproducibly(smol_tokenizer):
     dm = InstructionDataModule(train_file=str(ALPACA_DEMO), tokenizer=smol_tokenizer, val_size=100,
                                max_length=256, group_by_length=True, batch_size=8)
     dm.setup("fit")
-    assert len(dm.train_dataset) + dm.dropped["train"] == 899 and len(dm.val_datasets[0]) == 100 - dm.dropped["val"]
+    assert len(dm.train_dataset) + sum(dm.dropped["train"].values()) == 899
+    assert len(dm.val_datasets[0]) == 100 - sum(dm.dropped["val"].values())
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 256
 
@@ -257,8 +258,8 @@ def test_chitchat_pairs_and_data_module(smol_tokenizer):
     dm = ChitChatDataModule(tokenizer=smol_tokenizer, max_records=200, val_size=20, prompt_format="chat",
                             max_length=96)
     dm.setup("fit")
-    assert len(dm.train_dataset) + dm.dropped["train"] == 180
-    assert len(dm.val_datasets[0]) + dm.dropped["val"] == 20
+    assert len(dm.train_dataset) + sum(dm.dropped["train"].values()) == 180
+    assert len(dm.val_datasets[0]) + sum(dm.dropped["val"].values()) == 20
     again = ChitChatDataModule(tokenizer=smol_tokenizer, max_records=200, val_size=20, prompt_format="chat",
                                max_length=96)
     assert list(again._fit()[1]["output"]) == list(dm._fit()[1]["output"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from melora_lit.training.metrics import GLUE_NUM_LABELS, classification_metrics, glue_metrics
+from melora_lit.metrics import GLUE_NUM_LABELS, classification_metrics, glue_metrics
 
 # A fixed binary example:
 #   index   0 1 2 3 4 5 6 7

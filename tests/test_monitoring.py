@@ -15,7 +15,7 @@ from torch import nn
 from melora_lit.cli import cli_main
 from melora_lit.adapter.diagnostics import adapter_diagnostics, block_cosine_similarity
 from melora_lit.adapter import MELoRALinear, melora_layers
-from melora_lit.training.metrics import main_metric
+from melora_lit.metrics import main_metric
 
 from support import sentiment_rows, write_csv
 
@@ -101,7 +101,7 @@ def test_tiny_run_writes_every_tag(tmp_path, saved_bert):
                   "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
         "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
                  "init_args": {"train_file": str(_train_csv(tmp_path / "train.csv")), "text_columns": ["review"],
-                               "label_column": "sentiment", "val_fraction": 0.2, "batch_size": 16,
+                               "label_column": "sentiment", "val_size": 0.2, "batch_size": 16,
                                "max_length": 32}},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -31,7 +31,7 @@ def _config(tmp_path: Path, model: str, train_csv: Path, precision: str, acceler
         tmp_path / "config.yaml", tmp_path, seed=3, trainer={"accelerator": accelerator, "precision": precision},
         model={"model_name_or_path": model, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                "melora": {"r": 2, "n": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
-        data=csv_classification_data(train_csv, val_fraction=0.2, batch_size=16, max_length=32),
+        data=csv_classification_data(train_csv, val_size=0.2, batch_size=16, max_length=32),
     )
 
 

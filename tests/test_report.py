@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> dict:
                       "melora": {"r": r, "n": n, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"]}},
             "data": {"class_path": "melora_lit.data.TextClassificationDataModule",
                      "init_args": {"train_file": str(train), "text_columns": ["review"], "label_column": "sentiment",
-                                   "val_fraction": 0.25, "batch_size": 16, "max_length": 32}},
+                                   "val_size": 0.25, "batch_size": 16, "max_length": 32}},
             "checkpoint": {"monitor": "val/accuracy", "mode": "max"},
         }
         path = root / f"config-{seed}-{n}-{r}.yaml"

@@ -341,7 +341,7 @@ def test_loader_position_counts_batches_trained_on_not_indices_drawn(num_workers
     continue right after the last batch the loop received: no sample repeated or skipped. The
     same for the length-grouped order of instruction data (group_by_length)."""
     from melora_lit.data.instruction import LengthGroupedSampler
-    from melora_lit.training.resume import ResumableDataLoader, ResumableRandomSampler
+    from melora_lit.loading import ResumableDataLoader, ResumableRandomSampler
 
     data = list(range(50))
 

@@ -151,7 +151,7 @@ def test_workers_ignore_the_stop_signals_and_a_users_worker_init_fn_still_runs(k
     from torch.utils.data import DataLoader
 
     from melora_lit.run import worker_init
-    from melora_lit.training.resume import ResumableDataLoader, ResumableRandomSampler
+    from melora_lit.loading import ResumableDataLoader, ResumableRandomSampler
 
     data = _Dispositions()
     if kind == "DataLoader":

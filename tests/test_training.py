@@ -34,7 +34,7 @@ def _config(tmp_path: Path, model: str, data: dict, **trainer) -> Path:
 
 def _csv_data(tmp_path: Path) -> dict:
     train = write_csv(tmp_path / "train.csv", sentiment_rows(320, seed=1))
-    return csv_classification_data(train, val_fraction=0.2, batch_size=16, max_length=32)
+    return csv_classification_data(train, val_size=0.2, batch_size=16, max_length=32)
 
 
 def _run_dir(tmp_path: Path, version: int = 0) -> Path:

@@ -4,6 +4,8 @@
 * :mod:`melora_lit.training`: the Lightning side (module, checkpoints, resume, monitoring,
   strategies).
 * :mod:`melora_lit.data`: the data modules, with their contract in :mod:`melora_lit.data.base`.
+* :mod:`melora_lit.metrics`, :mod:`melora_lit.loading`: what data and training share (metrics, the
+  resumable data order), with no Lightning.
 * :mod:`melora_lit.sources`: where a backbone comes from (hub, local, ``package:``, GGUF).
 * :mod:`melora_lit.cli`, :mod:`melora_lit.export`, :mod:`melora_lit.report`: the commands.
 """

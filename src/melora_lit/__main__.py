@@ -22,6 +22,12 @@ def quiet_known_noise() -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["launch"]:  # torchrun's agent around melora-lit workers: its own signal handling
+        from .launch import main as launch_main
+
+        return launch_main(sys.argv[2:])
     from .run import preemption
 
     preemption.install()  # records a stop signal until the command knows what it is

@@ -25,11 +25,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from . import __version__
 from .adapter import cpu_kernels
 from .errors import EXIT_USAGE, check_config_files, parser_message
-from .run import LAST, LAST_OR_NEW, StopOnSignal, choose_run_folder, finished_run, preemption, run_command
+from .run import (LAST, LAST_OR_NEW, StopOnSignal, choose_run_folder, cluster_plugins, finished_run, preemption,
+                  run_command)
 from .training.prediction import PredictionWriter
 from .training.lr_finder import ApplyFoundLearningRate
 from .training.progress import LogLineProgress, job_log_progress
 from .training.module import MELoRAModule
+from .training.tasks import task_class
 from .training.monitoring import BestMetricHParams, MELoRADiagnostics, TokenThroughputMonitor
 from .sources import gguf_source, vocabulary_size
 from .training.checkpoints import (
@@ -42,6 +44,7 @@ from .training.checkpoints import (
     use_atomic_checkpoint_io,
 )
 from .training.guards import NonFiniteGuard
+from .training.strategies import COLLECTIVE_TIMEOUT_S, with_collective_timeout
 from .training.resume import ExactResume, check_resume_checkpoint, check_resume_data
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -88,6 +91,11 @@ class MELoRACLI(LightningCLI):
                             help="fit --ckpt_path: resume although the checkpoint was trained on other data or "
                                  "another backbone (refused otherwise): train_data, val_data, backbone, or a list "
                                  "([train_data, val_data])")
+        parser.add_argument("--collective_timeout", type=Optional[float], default=COLLECTIVE_TIMEOUT_S,
+                            help="seconds a collective operation of a multi-process run (process-group set-up "
+                                 "included) waits for the other processes; past it the run ends with exit status "
+                                 "75 (another process lost: restart the whole job with --ckpt_path auto). Given to "
+                                 "the strategy's timeout where that is left at torch's default (1800); null keeps it")
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -97,7 +105,7 @@ class MELoRACLI(LightningCLI):
 
     # ------------------------------------------------------------------ run folder and resume
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, self._with_task_monitor(parser, args))
         # LightningCLI reads a --ckpt_path file's hyper-parameters next and lets them replace the
         # model settings: keep what the user typed, to put it back (before_instantiate_classes)
         cfg = self._subconfig() or {}
@@ -107,6 +115,18 @@ class MELoRACLI(LightningCLI):
         path = cfg.get("ckpt_path")
         if path and path not in CKPT_KEYWORDS and "://" not in str(path):
             self._read_checkpoint(path)
+
+    @staticmethod
+    def _with_task_monitor(parser: LightningArgumentParser, args: Any) -> Any:
+        """Under the packaged quickstart config, the default (a classifier's: ``val/accuracy``, max),
+        the checkpoint monitor and mode of the task the command chose (``Task.default_monitor``),
+        put before the user's arguments, which still win. A first parse finds the task (without
+        ``--print_config``, so that the printed config is the final one)."""
+        if not isinstance(args, list) or args[1:3] != ["--config", quickstart_config()]:
+            return args
+        found = parser.parse_args([a for a in args if not a.startswith("--print_config")])
+        monitor, mode = task_class(found[f"{args[0]}.model.task"]).default_monitor
+        return [*args[:3], "--checkpoint.monitor", monitor, "--checkpoint.mode", mode, *args[3:]]
 
     def _keep_typed_model_settings(self) -> None:
         """The command line and config win over a ``--ckpt_path`` file's hyper-parameters, which
@@ -146,6 +166,7 @@ class MELoRACLI(LightningCLI):
             cfg.prediction_writer.overwrite, cfg["overwrite"] = True, False
         self._choice = choose_run_folder(cfg, self.subcommand, self._read_checkpoint,
                                          is_global_zero=rank_zero_only.rank == 0)
+        self._choice.restore += with_collective_timeout(cfg.get("trainer"), cfg.get("collective_timeout"))
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -156,6 +177,7 @@ class MELoRACLI(LightningCLI):
         cfg = self._subconfig()
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         kwargs.setdefault("callbacks", job_log_progress(config["trainer"], config.get("progress")))
+        kwargs.setdefault("plugins", cluster_plugins(config["trainer"].get("plugins")))  # SLURM: melora-lit requeues
         version = self._choice.version
         if version is not None and cfg.trainer.get("logger") in (None, True) and "logger" not in kwargs:
             root = cfg.trainer.get("default_root_dir") or os.getcwd()
@@ -312,7 +334,7 @@ def _check_monitor(monitor: str | None, model: Any, datamodule: Any, option: str
     if not any(monitor.startswith(f"{n}/") for n in names):
         return
     data = datamodule if isinstance(datamodule, MELoRADataModule) else None
-    if data is None and not model.is_causal_lm:
+    if data is None and model.task.metrics_from_data:
         return  # a data module outside the contract names its own metrics
     metrics = model.task.build_metrics(data)  # what the module logs (melora_lit.training.tasks)
     task = model.task.name
@@ -364,26 +386,12 @@ def _is_typed(key: str, typed: set[str]) -> bool:
 
 
 def _with_default_config(args: list[str]) -> list[str]:
-    """Put the quickstart config under a subcommand that was given no ``--config``; its
-    checkpoint monitor (``val/accuracy``) is a classifier's: a causal LM gets ``val/loss``, min
-    (arguments given after it still win)."""
+    """Put the quickstart config under a subcommand that was given no ``--config`` (its
+    checkpoint monitor follows the task: :meth:`MELoRACLI._with_task_monitor`)."""
     if args and args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
         if not any(a in ("-h", "--help") for a in args):
-            defaults = ["--config", quickstart_config()]
-            if _task(args[1:]) == "causal-lm":
-                defaults += ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"]
-            return [args[0], *defaults, *args[1:]]
+            return [args[0], "--config", quickstart_config(), *args[1:]]
     return args
-
-
-def _task(args: list[str]) -> str | None:
-    task = None
-    for i, arg in enumerate(args):
-        if arg == "--model.task" and i + 1 < len(args):
-            task = args[i + 1]
-        elif arg.startswith("--model.task="):
-            task = arg.split("=", 1)[1]
-    return task
 
 
 _EXPORT_HELP = ("melora-lit export --ckpt_path CKPT --output_dir DIR [--format merged|adapter|peft|all]: "

@@ -26,7 +26,7 @@ import types
 from pathlib import Path
 
 __all__ = [
-    "EXIT_ENVIRONMENT", "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "EXIT_USAGE", "ModelSourceError",
+    "EXIT_ENVIRONMENT", "EXIT_INTERRUPTED", "EXIT_PEER_LOST", "EXIT_PREEMPTED", "EXIT_USAGE", "ModelSourceError",
     "OneLineArgumentParser", "check_config_files", "check_utf8",
     "check_writable", "data_file_error", "describe", "error_exit", "first_line", "hub_offline",
     "not_found", "offline_hint", "parser_message", "root_cause",
@@ -44,6 +44,10 @@ checkpoint, the other commands with nothing written; not 0, so that a scheduler 
 the unfinished command for a finished one."""
 EXIT_INTERRUPTED = 130
 """Exit status after a SIGINT (Ctrl+C): 128 + 2, as shells report a command ended by it."""
+EXIT_PEER_LOST = 75
+"""Exit status of a process of a multi-process run whose peer went away (a node lost, a rank
+killed): a collective failed or timed out (``EX_TEMPFAIL`` of sysexits.h: try again). Its last
+checkpoint is kept; restarting the whole job with ``--ckpt_path auto`` resumes."""
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 _WRITE_ERRNOS = {errno.EPERM, errno.EACCES, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
                  *_ENVIRONMENT_ERRNOS}

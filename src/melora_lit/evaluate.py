@@ -138,7 +138,7 @@ def evaluate_checkpoint(
 
     module = load_checkpoint_model(ckpt_path, config)
     hp = module.hparams
-    if hp.task != "causal-lm":
+    if not module.task.lm_eval:
         raise ValueError(f"evaluate: {ckpt_path} is a {hp.task} checkpoint; lm-eval scores causal LMs")
     model = module.model
     if merge:

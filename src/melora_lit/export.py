@@ -19,11 +19,14 @@ import argparse
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import ModelSourceError, OneLineArgumentParser, first_line
 from .run import check_output, check_protected, remove_stale_temp_files, staged_folder
 from .sources import BaseDescription
+
+if TYPE_CHECKING:
+    from .training.tasks import Task
 
 FORMATS = ("merged", "adapter", "peft")
 
@@ -174,15 +177,14 @@ def export_checkpoint(
     return written
 
 
-def _usage(kind: str, base: BaseDescription, causal: bool, melora: dict[str, Any]) -> list[str]:
+def _usage(kind: str, base: BaseDescription, task: type[Task], melora: dict[str, Any]) -> list[str]:
     """Copy-paste snippets for a model card: loading this folder with transformers, PEFT or
-    melora_lit, and serving it with vLLM (causal LMs)."""
-    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    melora_lit, and serving it with vLLM (a task that generates)."""
+    auto = task.auto_model_class
     name = base.hub_id or "BASE_MODEL"
     where = "" if base.hub_id else f"  # BASE_MODEL: {base.text}"
     if kind == "merged":
-        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer" if causal else
-                "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+        code = [f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("path/to/this/folder")',
                 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
         serve = ["vllm serve path/to/this/folder"]
@@ -198,7 +200,7 @@ def _usage(kind: str, base: BaseDescription, causal: bool, melora: dict[str, Any
                 f'model = load_adapter({auto}.from_pretrained("{name}"), "path/to/this/folder"){where}']
         serve = []
     lines = ["```python", *code, "```"]
-    if causal and serve:
+    if task.generates and serve:
         lines += ["", "```bash", *serve, "```"]
     return lines
 
@@ -250,16 +252,17 @@ def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None
 
     from .sources import describe_base
     from .training.checkpoints import read_checkpoint
+    from .training.tasks import task_class
 
     ckpt = ckpt if ckpt is not None else read_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") or {}
     melora = (ckpt.get("melora") or {}).get("config") or hparams.get("melora") or {}
     base = base or describe_base(hparams.get("model_name_or_path") or "unknown", hparams.get("gguf_file"))
-    causal = hparams.get("task") == "causal-lm"
+    task = task_class(hparams.get("task"))
     front: dict[str, Any] = {**({"base_model": base.hub_id} if base.hub_id else {}),
                              "license": base.license or "other", "library_name": _LIBRARY[kind],
                              "tags": ["melora", "lora", "melora-lit", "lightning"],
-                             "pipeline_tag": "text-generation" if causal else "text-classification"}
+                             "pipeline_tag": task.pipeline_tag}
     data = run_config(ckpt_path, config).get("data") or {}
     data_class = data.get("class_path") if isinstance(data, dict) else None
     data_args = (data.get("init_args") or {}) if isinstance(data, dict) else {}
@@ -280,7 +283,7 @@ def write_model_card(folder: Path, kind: str, ckpt_path: str, config: str | None
         f"This folder holds {what}, exported by `melora-lit export` from `{Path(ckpt_path).name}` "
         f"(step {ckpt.get('global_step', '?')}, epoch {ckpt.get('epoch', '?')}).", "",
         f"Base model: {base.text}.{license_note}", "",
-        "## Usage", "", *_usage(kind, base, causal, melora), "",
+        "## Usage", "", *_usage(kind, base, task, melora), "",
         "## MELoRA", "",
         "| n | r | alpha | equivalent rank n·r | target modules | modules saved in full |",
         "|---|---|---|---|---|---|",

@@ -141,9 +141,17 @@ def _files_change(what: str, old: Iterable[Mapping], new: Iterable[Mapping], key
     return None
 
 
+#: split settings saved under an older name (checkpoints before the rename still compare equal)
+_RENAMED_SETTINGS = {"val_fraction": "val_size"}
+
+
+def _renamed(settings: dict[str, Any]) -> dict[str, Any]:
+    return {_RENAMED_SETTINGS.get(k, k): v for k, v in settings.items()}
+
+
 def _split_change(name: str, old: Mapping, new: Mapping) -> str | None:
     what = "train" if name == "train" else "validation" if name == "val" else f"validation ({name})"
-    old_settings, new_settings = old.get("settings") or {}, new.get("settings") or {}
+    old_settings, new_settings = _renamed(old.get("settings") or {}), _renamed(new.get("settings") or {})
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             return f"the {what} split's {key} changed ({old_settings.get(key)!r} -> {new_settings.get(key)!r})"

@@ -153,7 +153,7 @@ def _record(path: str, number: int, line: str) -> dict[str, Any]:
 
 
 def _user_text(record: dict[str, Any]) -> str:
-    """A single-turn record as one text: the instruction, then its input (as PromptFormatter puts a
+    """A single-turn record as one text: the instruction, then its input (as PromptEncoder puts a
     record into a user turn)."""
     if "prompt" in record:
         return record["prompt"]
@@ -178,8 +178,8 @@ class Talker:
 
     def ids(self, record: dict[str, Any]) -> list[int]:
         """The prompt's token ids, as training tokenized prompts of this format."""
-        from .data.chat import ChatEncoder
-        from .data.instruction import PromptFormatter
+        from .data.chat import ChatTemplateEncoder
+        from .data.instruction import PromptEncoder
 
         messages = record.get("messages")
         if self.format == "chat":
@@ -187,7 +187,8 @@ class Talker:
                 messages = [{"role": "user", "content": _user_text(record)}]
             if self.system_prompt and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            return ChatEncoder(self.tokenizer, max_length=sys.maxsize).encode(messages, with_labels=False)["input_ids"]
+            return ChatTemplateEncoder(self.tokenizer, max_length=sys.maxsize).encode({"messages": messages},
+                                                                                    with_labels=False)["input_ids"]
         if messages is not None:  # one user turn is a prompt; a conversation needs turns
             turns = [m for m in messages if m["role"] != "system"]
             if len(turns) > 1:
@@ -196,10 +197,10 @@ class Talker:
             record = {"prompt": turns[0]["content"]}
         if self.format == "raw":
             return self.tokenizer(_user_text(record))["input_ids"]
-        formatter = PromptFormatter(self.tokenizer, "alpaca")
         instruction, text = (record["prompt"], "") if "prompt" in record else (record["instruction"],
                                                                                 record.get("input", ""))
-        return formatter.prompt_ids([formatter.prompt(instruction, text)])[0]
+        return PromptEncoder(self.tokenizer).encode({"instruction": instruction, "input": text},
+                                                    with_labels=False)["input_ids"]
 
     def reply(self, record: dict[str, Any]) -> str:
         import torch
@@ -296,9 +297,11 @@ def _from_checkpoint(ckpt_path: str, config: str | None, model_name_or_path: str
     """The adapted model of a checkpoint, the backbone's tokenizer and the run's prompt format."""
     from .export import load_checkpoint_model, run_config
     from .training.checkpoints import read_checkpoint
+    from .training.tasks import task_class, task_names
 
     hparams = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
-    if hparams.get("task") != "causal-lm":
+    task = hparams.get("task")
+    if task not in (None, *task_names()) or not task_class(task).generates:
         raise ValueError(f"checkpoint {ckpt_path} is a {hparams.get('task', 'classification')} model; generate "
                          f"talks to causal LMs (--model.task causal-lm)")
     if output is not None and model_name_or_path is None:
@@ -327,6 +330,7 @@ def _from_folder(model: str, model_name_or_path: str | None, output: Path | None
     from transformers import AutoTokenizer
 
     from .sources import PACKAGE_PREFIX, resolve_pretrained
+    from .training.causal_lm import CausalLM
     from .training.module import load_backbone
 
     config_file = Path(model).expanduser() / "adapter_config.json"
@@ -335,7 +339,7 @@ def _from_folder(model: str, model_name_or_path: str | None, output: Path | None
             raise ValueError(f"--model_name_or_path names the backbone of a checkpoint or an adapter folder; --model "
                              f"{model} has no adapter_config.json: it is the whole model")
         base = model
-        loaded = load_backbone(model, task="causal-lm")
+        loaded = load_backbone(model, task=CausalLM.name)
     else:
         try:
             meta = json.loads(config_file.read_text())
@@ -354,14 +358,14 @@ def _from_folder(model: str, model_name_or_path: str | None, output: Path | None
         if meta.get("adapter_type") == "MELORA":
             from .adapter import load_adapter
 
-            loaded = load_adapter(load_backbone(base, task="causal-lm"), config_file.parent)
+            loaded = load_adapter(load_backbone(base, task=CausalLM.name), config_file.parent)
         elif meta.get("peft_type"):
             try:
                 from peft import PeftModel
             except ImportError:
                 raise ValueError(f"--model {model} is a PEFT adapter, which needs peft (pip install peft); or give "
                                  f"the adapter or merged folder of melora-lit export") from None
-            loaded = PeftModel.from_pretrained(load_backbone(base, task="causal-lm"), config_file.parent)
+            loaded = PeftModel.from_pretrained(load_backbone(base, task=CausalLM.name), config_file.parent)
         else:
             raise ValueError(f"{config_file} is neither a melora-lit nor a PEFT adapter's config")
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(base))

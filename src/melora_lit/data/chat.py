@@ -12,24 +12,20 @@ a template with generation markers marks the trained tokens itself.
 
 from __future__ import annotations
 
-import copy
-import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-import torch
 from datasets import Dataset
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from ..errors import check_utf8, first_line
-from .instruction import IGNORE_INDEX, InstructionDataModule
-from .packing import PackedCollator, pack_dataset
+from ..errors import first_line
 from .base import check_int, seeded_subset
+from .causal_lm import IGNORE_INDEX, CausalLMDataModule, Encoder, Rejected, Rows
+from .chitchat import chitchat_conversations, chitchat_path
 
 __all__ = ["CHAT_TEMPLATES", "CHAT_FORMATS", "ChatDataModule", "ChitChatConversationsDataModule",
-           "ChatEncoder", "chitchat_conversations"]
+           "ChatTemplateEncoder", "chitchat_conversations"]
 
 # Named templates for tokenizers without one. chatml: the format of ChatML models (Qwen, SmolLM,
 # OpenHermes). llama2: the Llama-2-chat format, as in meta-llama/Llama-2-7b-chat-hf's template
@@ -63,19 +59,19 @@ CHAT_FORMATS = {
 # format auto: each record's own layout, with the role names of either format
 _ANY_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-class BadRecord(ValueError):
-    """A conversation that cannot be trained on: ``kind`` names the problem (the key of the drop
-    counts), the message says where."""
-
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(kind + detail)
-        self.kind = kind
+_LAYOUT_KEYS = ("messages_column", "role_key", "content_key", "user_role", "assistant_role", "system_role")
 
 
-class ChatEncoder:
+def _columns(rows: list) -> list[str]:
+    """The keys of JSON rows, in order of appearance."""
+    return list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+
+
+class ChatTemplateEncoder(Encoder):
     """Conversations -> token ids and labels, for one tokenizer and chat template.
 
+    ``records`` reads each row's turns (in the file's layout, or with ``format: auto`` in the
+    row's own) as ``{role, content}`` messages, a bad row a :class:`Rejected` reason.
     ``encode`` returns ``input_ids`` and ``labels``. The ids are the whole rendering tokenized at
     once, as ``tokenizer.apply_chat_template(messages, tokenize=True)`` gives them; the labels are
     those ids on the assistant turns (content and the template's own end-of-turn marker; EOS is
@@ -84,9 +80,21 @@ class ChatEncoder:
     (``{% generation %}``) says itself which tokens are the assistant's.
     """
 
+    reads_rows = True
+    too_long = "no assistant token within max_length"
+    dropped_line = ("{split}: dropped {n} of {total} conversations with no assistant token within "
+                    "max_length={max_length}")
+    none_left_line = "no {split} conversation has an assistant token within max_length={max_length}; raise max_length"
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None,
-                 train_on_inputs: bool = False, max_length: int = 1024) -> None:
+                 train_on_inputs: bool = False, max_length: int = 1024, format: str = "auto",  # noqa: A002
+                 layout: dict[str, str | None] | None = None, system_prompt: str | None = None,
+                 bad_records: str = "drop") -> None:
         self.tokenizer = tokenizer
+        self.format = format
+        self.layout = layout or dict.fromkeys(_LAYOUT_KEYS)
+        self.system_prompt = system_prompt
+        self.bad_records = bad_records
         self.template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.train_on_inputs = train_on_inputs
         self.max_length = max_length
@@ -101,7 +109,7 @@ class ChatEncoder:
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
         except Exception as err:  # jinja's raise_exception and template errors alike
-            raise BadRecord("the chat template refused it", f": {first_line(err)}") from None
+            raise Rejected("the chat template refused it", f": {first_line(err)}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._apply(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -152,9 +160,11 @@ class ChatEncoder:
                 trained.append(k < len(spans) and end > spans[k][0])
         return ids, trained
 
-    def encode(self, messages: list[dict], with_labels: bool = True) -> dict[str, list[int]]:
-        """Ids and labels of a whole conversation (``with_labels``), or the ids of the prompt that
-        asks for its next assistant turn (the last ``max_length`` tokens)."""
+    def encode(self, record: dict[str, Any], with_labels: bool = True) -> dict[str, list[int]]:
+        """Ids and labels of a whole conversation (``record["messages"]``, ``with_labels``), or the
+        ids of the prompt that asks for its next assistant turn (the last ``max_length`` tokens).
+        Rejected: a turn the template refuses; with labels, no assistant token within ``max_length``."""
+        messages = record["messages"]
         if not with_labels:
             text = self.render(messages, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_length:]
@@ -167,25 +177,181 @@ class ChatEncoder:
             ids, trained = self._tokens(text, self.spans(messages, text))
         labels = [i if t or self.train_on_inputs else IGNORE_INDEX for i, t in zip(ids, trained)]
         ids, labels = ids[:self.max_length], labels[:self.max_length]
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            raise Rejected(self.too_long)
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
+    def prompt(self, record: dict[str, Any]) -> str:
+        return self.render(record["messages"], add_generation_prompt=True)
 
-def _problem(messages: Any, with_answer: bool) -> "BadRecord | None":
+    # ---- records --------------------------------------------------------------------------
+
+    def _layout(self, rows: Rows, columns: list[str], source: str) -> dict[str, str]:
+        fmt = self.format
+        column = self.layout["messages_column"]
+        if fmt == "auto":
+            found = [f for f, spec in CHAT_FORMATS.items() if spec[0] == column or (column is None and spec[0] in columns)]
+            if column is not None and column in columns and not found:  # a custom column: its turns' keys say
+                turn = next((t[0] for t in (row.get(column) for row in rows if isinstance(row, dict))
+                             if isinstance(t, list) and t
+                             and isinstance(t[0], dict)), {})
+                found = ["sharegpt" if "from" in turn else "openai"]
+            if not found:
+                raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
+                                 f"its columns are {columns} (set data.messages_column)")
+            fmt = found[0]
+        defaults = dict(zip(self.layout, CHAT_FORMATS[fmt]))
+        layout = {k: v if v is not None else defaults[k] for k, v in self.layout.items()}
+        if layout["messages_column"] not in columns:
+            raise ValueError(f"{source} has no column {layout['messages_column']!r}; its columns are {columns}")
+        return layout
+
+    def records(self, rows: Rows, source: str, with_output: bool = True,
+                layout: dict[str, str] | None = None) -> tuple[Dataset, dict[str, list[int]]]:
+        """A ``messages`` column of ``{role, content}`` turns with roles system/user/assistant and
+        a ``record`` column (the row's number in the source, from 1); bad records are left out, or
+        refused, as ``bad_records`` says. With ``format: auto`` and no layout option, each record
+        has its own layout (see :meth:`_messages`)."""
+        columns = list(rows.column_names) if isinstance(rows, Dataset) else _columns(rows)
+        if layout is None and (self.format != "auto" or any(v is not None for v in self.layout.values())):
+            layout = self._layout(rows, columns, source)
+        elif layout is None and not {"messages", "conversations"} & set(columns):
+            raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
+                             f"its columns are {columns} (set data.messages_column)")
+        out: dict[str, list] = {"messages": [], "record": []}
+        reasons: dict[str, list[int]] = {}  # kind -> record numbers
+        for number, row in enumerate(rows, start=1):
+            try:
+                messages = self._messages(row, layout)
+                problem = _problem(messages, with_output)
+                if problem:
+                    raise problem
+            except Rejected as err:
+                if self.bad_records == "error":
+                    raise ValueError(f"{source} record {number}: {err} (bad_records: drop skips such records)") \
+                        from None
+                reasons.setdefault(err.kind, []).append(number)
+                continue
+            out["messages"].append(messages)
+            out["record"].append(number)
+        if not out["record"]:
+            raise ValueError(f"{source} has no usable conversation (dropped {sum(map(len, reasons.values()))} "
+                             "bad records)")
+        return Dataset.from_dict(out), reasons
+
+    def from_lines(self, lines: list[str]) -> Dataset:
+        rows = [{"messages": [{"role": "user", "content": t}]} for t in lines]
+        return self.records(rows, "", with_output=False, layout=dict(zip(_LAYOUT_KEYS, CHAT_FORMATS["openai"])))[0]
+
+    def prompts(self, ds: Dataset) -> Dataset:
+        """Each conversation up to its last assistant turn (``messages``) and that turn's content
+        (``reference``; empty when the conversation ends with another role)."""
+        def cut(row: dict) -> dict:
+            messages = row["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None or last < len(messages) - 1:
+                return {"messages": messages, "reference": ""}
+            return {"messages": messages[:last], "reference": messages[last]["content"]}
+
+        return ds.map(cut, desc="Prompts")
+
+    def examples(self, ds: Dataset) -> Dataset:
+        return self.prompts(ds)
+
+    def _messages(self, row: Any, layout: dict[str, str] | None) -> list[dict[str, str]]:
+        """The turns of a record as ``{role, content}`` with roles system/user/assistant: in
+        ``layout``, or (None) in the record's own: ``messages`` or ``conversations`` (whichever
+        holds turns), turns keyed ``role``/``content`` or ``from``/``value`` (as its first turn is),
+        roles user/human, assistant/gpt, system."""
+        if not isinstance(row, dict):
+            raise Rejected("not a JSON object", f": {type(row).__name__} {row!r:.40}")
+        if layout is not None:
+            turns = row.get(layout["messages_column"])
+            role_key, content_key = layout["role_key"], layout["content_key"]
+            roles = {layout["user_role"]: "user", layout["assistant_role"]: "assistant",
+                     layout["system_role"]: "system"}
+        else:
+            found = [c for c in ("messages", "conversations") if row.get(c)]
+            if len(found) > 1:
+                raise Rejected("both messages and conversations", ": keep one of them")
+            turns = row[found[0]] if found else row.get("messages", row.get("conversations"))
+            first = next((t for t in turns if isinstance(t, dict)), {}) if isinstance(turns, (list, tuple)) else {}
+            role_key, content_key = ("from", "value") if "from" in first else ("role", "content")
+            roles = _ANY_ROLES
+        if turns is None:
+            turns = []
+        if not isinstance(turns, (list, tuple)):
+            raise Rejected("not a list of turns", f": {type(turns).__name__} {turns!r:.40}")
+        messages = []
+        if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system"
+                                          for t in turns):
+            messages.append({"role": "system", "content": self.system_prompt})
+        for k, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict):
+                raise Rejected("turn not an object", f": turn {k} is {type(turn).__name__} {turn!r:.40}")
+            role = turn.get(role_key)
+            if role not in roles:
+                raise Rejected("unknown role", f" {role!r} in turn {k}; roles are {', '.join(map(repr, roles))}")
+            content = turn.get(content_key)
+            if not isinstance(content, str):
+                raise Rejected("non-string content", f": turn {k} content is {type(content).__name__} {content!r:.40}")
+            messages.append({"role": roles[role], "content": content})
+        return messages if turns else []
+
+
+def _problem(messages: Any, with_answer: bool) -> "Rejected | None":
     """Why a normalized conversation cannot be used, or None."""
     if not messages:
-        return BadRecord("empty conversation")
+        return Rejected("empty conversation")
     first = next((m["role"] for m in messages if m["role"] != "system"), None)
     if first == "assistant":  # nothing to answer; and a template renders no prompt before it
-        return BadRecord("starts with an assistant turn")
+        return Rejected("starts with an assistant turn")
     for k, (a, b) in enumerate(zip(messages, messages[1:]), start=1):
         if a["role"] == b["role"] == "assistant":
-            return BadRecord("two assistant turns in a row", f" (turns {k} and {k + 1})")
+            return Rejected("two assistant turns in a row", f" (turns {k} and {k + 1})")
     if with_answer and not any(m["role"] == "assistant" for m in messages):
-        return BadRecord("no assistant turn")
+        return Rejected("no assistant turn")
     return None
 
 
-class ChatDataModule(InstructionDataModule):
+
+
+class _ChatTemplateDataModule(CausalLMDataModule):
+    """Conversations through a chat template: what :class:`ChatDataModule` and
+    :class:`ChitChatConversationsDataModule` share."""
+
+    format = "openai"
+    layout: dict[str, str | None] = dict.fromkeys(_LAYOUT_KEYS)
+
+    def __init__(self, chat_template: str | None = None, packing: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if chat_template is not None and chat_template not in CHAT_TEMPLATES and "{" not in chat_template:
+            raise ValueError(f"chat_template={chat_template!r} is not valid; use one of "
+                             f"{', '.join(CHAT_TEMPLATES)} or a Jinja template")
+        self.chat_template = chat_template
+        self.packing = packing
+
+    def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.chat_template is None and not tokenizer.chat_template:
+            raise ValueError(f"tokenizer {self.tokenizer_name!r} has no chat template; set data.chat_template "
+                             f"to one of {', '.join(CHAT_TEMPLATES)}")
+        if self.chat_template is not None:
+            # the named template becomes the tokenizer's own, so generation and evaluation use it
+            tokenizer.chat_template = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
+
+    def _make_encoder(self, tokenizer: PreTrainedTokenizerBase) -> ChatTemplateEncoder:
+        return ChatTemplateEncoder(tokenizer, None, self.train_on_inputs, self.max_length, self.format, self.layout,
+                                   self.system_prompt, self.bad_records)
+
+    def format_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The rendered prompt that asks for the next assistant turn of ``messages``."""
+        return self.encoder.render(messages, add_generation_prompt=True)
+
+    def _record_settings(self) -> dict[str, Any]:
+        return {"format": self.format, **self.layout}
+
+
+class ChatDataModule(_ChatTemplateDataModule):
     """Multi-turn chat data for a causal language model: ShareGPT or OpenAI-style conversations.
 
     ShareGPT records hold ``conversations``: a list of ``{"from": ..., "value": ...}`` turns with
@@ -198,11 +364,12 @@ class ChatDataModule(InstructionDataModule):
     (``chat_template: chatml`` or ``llama2``) for a tokenizer without one. The loss is on every
     assistant turn (its content and the template's end-of-turn marker) and nowhere else, unless
     ``train_on_inputs``. A conversation longer than ``max_length`` is cut there; one with no
-    assistant token left is dropped (counted in :attr:`dropped`).
+    assistant token left is dropped (counted in :attr:`dropped`). Splits and batches:
+    :class:`~melora_lit.data.causal_lm.CausalLMDataModule`.
 
     Bad records (an empty conversation, two assistant turns in a row, an unknown role, a content
     that is not a string, no assistant turn, a turn the template refuses) are dropped and counted
-    with a warning (``bad_records: drop``, the counts in :attr:`rejected`) or refused with an error
+    with a warning (``bad_records: drop``, the counts by reason in :attr:`dropped`) or refused with an error
     naming the file and record (``bad_records: error``). A file that cannot be read (not UTF-8, a
     line that is not JSON) is refused either way, naming the line.
 
@@ -217,9 +384,6 @@ class ChatDataModule(InstructionDataModule):
     Args:
         train_file: Train conversations (``.json``, ``.jsonl`` or ``.parquet``).
         validation_file: Validation conversations (default: ``val_size`` of the train records).
-        predict_file: Conversations to continue with ``predict`` (records as above, ending with a
-            user turn or cut before their last assistant turn), or a ``.txt`` file with one user
-            message per line.
         dataset_name: A hub dataset to use instead of ``train_file``.
         dataset_config_name: Configuration of ``dataset_name``.
         dataset_split: Split of ``dataset_name`` that holds the train records.
@@ -233,30 +397,17 @@ class ChatDataModule(InstructionDataModule):
         user_role: Role name of the user's turns in the data.
         assistant_role: Role name of the assistant's turns in the data.
         system_role: Role name of system messages in the data.
-        system_prompt: System message for conversations that have none (default: the template's).
         chat_template: ``chatml``, ``llama2`` (named templates) or a Jinja template; default the
             tokenizer's own.
-        train_on_inputs: Put the loss on every token, not on the assistant turns only.
         bad_records: ``drop`` (count and skip them) or ``error`` (stop at the first, naming it).
         packing: Pack train and validation conversations into rows of ``max_length`` tokens.
-        val_size: Records held out for validation when there is no validation file: a count or a
-            fraction.
-        group_by_length: Batch conversations of similar length together.
-        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
         max_length: Longest token sequence (a packed row's length).
-        batch_size: Train batch size (rows, with packing).
-        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
-        max_train_samples: Train on a seeded random subset of this many conversations.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the validation split, the train subset, the packing and the train order.
-        cache_dir: Folder for the datasets cache.
     """
 
     def __init__(
         self,
         train_file: str | None = None,
         validation_file: str | None = None,
-        predict_file: str | None = None,
         dataset_name: str | None = None,
         dataset_config_name: str | None = None,
         dataset_split: str = "train",
@@ -267,329 +418,28 @@ class ChatDataModule(InstructionDataModule):
         user_role: str | None = None,
         assistant_role: str | None = None,
         system_role: str | None = None,
-        system_prompt: str | None = None,
         chat_template: str | None = None,
-        train_on_inputs: bool = False,
         bad_records: Literal["drop", "error"] = "drop",
         packing: bool = False,
-        val_size: int | float = 0.05,
-        group_by_length: bool = False,
-        tokenizer: str | None = None,
         max_length: int = 1024,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        max_train_samples: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        for path in (train_file, validation_file, predict_file):
+        super().__init__(chat_template=chat_template, packing=packing, max_length=max_length, **kwargs)
+        for path in (train_file, validation_file, self.predict_file):
             if path is not None and Path(path).suffix.lower() == ".csv":
                 raise ValueError(f"a CSV file cannot hold conversations: {path}; use .json, .jsonl or .parquet")
-        # prompt_format "alpaca" keeps the parent's chat-template check out: this module has its
-        # own, which also accepts a named template
-        super().__init__(
-            train_file=train_file, validation_file=validation_file, predict_file=predict_file,
-            dataset_name=dataset_name, dataset_config_name=dataset_config_name, dataset_split=dataset_split,
-            prompt_format="alpaca", system_prompt=system_prompt, train_on_inputs=train_on_inputs,
-            val_size=val_size, group_by_length=group_by_length, tokenizer=tokenizer, max_length=max_length,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, max_train_samples=max_train_samples,
-            num_workers=num_workers, seed=seed, cache_dir=cache_dir,
-        )
+        self._set_source(train_file, validation_file, dataset_name, dataset_config_name, dataset_split)
         if format not in ("auto", *CHAT_FORMATS):
             raise ValueError(f"format={format!r} is not valid; use one of auto, {', '.join(CHAT_FORMATS)}")
         if bad_records not in ("drop", "error"):
             raise ValueError(f"bad_records={bad_records!r} is not valid; use drop or error")
-        if chat_template is not None and chat_template not in CHAT_TEMPLATES and "{" not in chat_template:
-            raise ValueError(f"chat_template={chat_template!r} is not valid; use one of "
-                             f"{', '.join(CHAT_TEMPLATES)} or a Jinja template")
         self.format = format
         self.layout = {"messages_column": messages_column, "role_key": role_key, "content_key": content_key,
                        "user_role": user_role, "assistant_role": assistant_role, "system_role": system_role}
-        self.chat_template = chat_template
         self.bad_records = bad_records
-        self.packing = packing
-        self.rejected: dict[str, int] = {}
-
-    # ---- reading --------------------------------------------------------------------------
-
-    def _read_records(self, path: str) -> Dataset:
-        """JSON and JSON lines are read here, row by row, so that one odd record (a number where
-        a string belongs) is a bad record rather than a file that will not load."""
-        file = Path(path).expanduser()
-        if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file() or file.stat().st_size == 0:
-            return super()._read_records(path)
-        check_utf8(path)
-        text = file.read_text(encoding="utf-8")
-        if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"cannot read {path}: line {err.lineno}, column {err.colno} is not valid JSON "
-                                 f"({err.msg})") from None
-        else:
-            rows = []
-            for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
-                try:
-                    if line.strip():
-                        rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"cannot read {path}: line {number} is not a JSON record ({err.msg}"
-                                     f"{'' if err.msg.endswith(' at') else ' at'} column {err.colno})") from None
-        if not rows:
-            raise ValueError(f"{path} has no rows")
-        # a Python-object column: Arrow would refuse rows whose types differ
-        return _RowList(rows)  # type: ignore[return-value]
-
-    def _layout(self, ds: Any, columns: list[str], source: str) -> dict[str, str]:
-        fmt = self.format
-        column = self.layout["messages_column"]
-        if fmt == "auto":
-            found = [f for f, spec in CHAT_FORMATS.items() if spec[0] == column or (column is None and spec[0] in columns)]
-            if column is not None and column in columns and not found:  # a custom column: its turns' keys say
-                turn = next((t[0] for t in (row.get(column) for row in ds if isinstance(row, dict))
-                             if isinstance(t, list) and t
-                             and isinstance(t[0], dict)), {})
-                found = ["sharegpt" if "from" in turn else "openai"]
-            if not found:
-                raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
-                                 f"its columns are {columns} (set data.messages_column)")
-            fmt = found[0]
-        defaults = dict(zip(self.layout, CHAT_FORMATS[fmt]))
-        layout = {k: v if v is not None else defaults[k] for k, v in self.layout.items()}
-        if layout["messages_column"] not in columns:
-            raise ValueError(f"{source} has no column {layout['messages_column']!r}; its columns are {columns}")
-        return layout
-
-    def _normalize(self, ds: Dataset, source: str, with_output: bool = True) -> Dataset:
-        """A ``messages`` column of ``{role, content}`` turns with roles system/user/assistant and
-        a ``record`` column (the row's number in the source, from 1); bad records are dropped and
-        counted, or refused, as ``bad_records`` says. With ``format: auto`` and no layout option,
-        each record has its own layout (see :meth:`_messages`)."""
-        columns = list(ds.column_names)
-        layout: dict[str, str] | None = None
-        if columns == [self.instruction_column] and not with_output:  # a .txt predict file
-            ds = [{"messages": [{"role": "user", "content": t}]} for t in ds[self.instruction_column]]
-            layout = dict(zip(self.layout, CHAT_FORMATS["openai"]))
-        elif self.format != "auto" or any(v is not None for v in self.layout.values()):
-            layout = self._layout(ds, columns, source)
-        elif not {"messages", "conversations"} & set(columns):
-            raise ValueError(f"{source} has no 'conversations' (ShareGPT) or 'messages' (OpenAI) column; "
-                             f"its columns are {columns} (set data.messages_column)")
-        out: dict[str, list] = {"messages": [], "record": []}
-        reasons: dict[str, list[int]] = {}  # kind -> record numbers
-        for number, row in enumerate(ds, start=1):
-            try:
-                messages = self._messages(row, layout)
-                problem = _problem(messages, with_output)
-                if problem:
-                    raise problem
-            except BadRecord as err:
-                if self.bad_records == "error":
-                    raise ValueError(f"{source} record {number}: {err} (bad_records: drop skips such records)") \
-                        from None
-                reasons.setdefault(err.kind, []).append(number)
-                continue
-            out["messages"].append(messages)
-            out["record"].append(number)
-        dropped = sum(map(len, reasons.values()))
-        self.rejected[source] = dropped
-        if dropped:
-            detail = ", ".join(f"{len(n)} {r} (first: record {n[0]})" for r, n in sorted(reasons.items()))
-            rank_zero_warn(f"{source}: dropped {dropped} bad records of {dropped + len(out['record'])}: {detail}; "
-                           "bad_records: error stops at the first instead")
-        if not out["record"]:
-            raise ValueError(f"{source} has no usable conversation (dropped {dropped} bad records)")
-        return Dataset.from_dict(out)
-
-    def _record_settings(self) -> dict[str, Any]:
-        return {"format": self.format, **self.layout}
-
-    def _messages(self, row: Any, layout: dict[str, str] | None) -> list[dict[str, str]]:
-        """The turns of a record as ``{role, content}`` with roles system/user/assistant: in
-        ``layout``, or (None) in the record's own: ``messages`` or ``conversations`` (whichever
-        holds turns), turns keyed ``role``/``content`` or ``from``/``value`` (as its first turn is),
-        roles user/human, assistant/gpt, system."""
-        if not isinstance(row, dict):
-            raise BadRecord("not a JSON object", f": {type(row).__name__} {row!r:.40}")
-        if layout is not None:
-            turns = row.get(layout["messages_column"])
-            role_key, content_key = layout["role_key"], layout["content_key"]
-            roles = {layout["user_role"]: "user", layout["assistant_role"]: "assistant",
-                     layout["system_role"]: "system"}
-        else:
-            found = [c for c in ("messages", "conversations") if row.get(c)]
-            if len(found) > 1:
-                raise BadRecord("both messages and conversations", ": keep one of them")
-            turns = row[found[0]] if found else row.get("messages", row.get("conversations"))
-            first = next((t for t in turns if isinstance(t, dict)), {}) if isinstance(turns, (list, tuple)) else {}
-            role_key, content_key = ("from", "value") if "from" in first else ("role", "content")
-            roles = _ANY_ROLES
-        if turns is None:
-            turns = []
-        if not isinstance(turns, (list, tuple)):
-            raise BadRecord("not a list of turns", f": {type(turns).__name__} {turns!r:.40}")
-        messages = []
-        if self.system_prompt and not any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system"
-                                          for t in turns):
-            messages.append({"role": "system", "content": self.system_prompt})
-        for k, turn in enumerate(turns, start=1):
-            if not isinstance(turn, dict):
-                raise BadRecord("turn not an object", f": turn {k} is {type(turn).__name__} {turn!r:.40}")
-            role = turn.get(role_key)
-            if role not in roles:
-                raise BadRecord("unknown role", f" {role!r} in turn {k}; roles are {', '.join(map(repr, roles))}")
-            content = turn.get(content_key)
-            if not isinstance(content, str):
-                raise BadRecord("non-string content", f": turn {k} content is {type(content).__name__} {content!r:.40}")
-            messages.append({"role": roles[role], "content": content})
-        return messages if turns else []
-
-    def _predict_split(self) -> Dataset:
-        if self.predict_file is not None:
-            return self._prompts(self._normalize(self._read_records(self.predict_file), self.predict_file,
-                                                 with_output=False))
-        return self._prompts(self._val_splits()[0])
-
-    @staticmethod
-    def _prompts(ds: Dataset) -> Dataset:
-        """Each conversation up to its last assistant turn (``messages``) and that turn's content
-        (``reference``; empty when the conversation ends with another role)."""
-        def cut(row: dict) -> dict:
-            messages = row["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last is None or last < len(messages) - 1:
-                return {"messages": messages, "reference": ""}
-            return {"messages": messages[:last], "reference": messages[last]["content"]}
-
-        return ds.map(cut, desc="Prompts")
-
-    # ---- tokens ---------------------------------------------------------------------------
-
-    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        first = self._tokenizer is None
-        tokenizer = super()._load_tokenizer()
-        if first:
-            if self.chat_template is None and not tokenizer.chat_template:
-                raise ValueError(f"tokenizer {self.tokenizer_name!r} has no chat template; set data.chat_template "
-                                 f"to one of {', '.join(CHAT_TEMPLATES)}")
-            if self.chat_template is not None:
-                # the named template becomes the tokenizer's own, so generation and evaluation use it
-                tokenizer.chat_template = CHAT_TEMPLATES.get(self.chat_template, self.chat_template)
-        return tokenizer
-
-    @property
-    def encoder(self) -> ChatEncoder:
-        """Turns conversations into token ids and labels with this module's settings."""
-        return ChatEncoder(self._load_tokenizer(), None, self.train_on_inputs, self.max_length)
-
-    def format_prompt(self, messages: list[dict[str, str]]) -> str:  # type: ignore[override]
-        """The rendered prompt that asks for the next assistant turn of ``messages``."""
-        return self.encoder.render(messages, add_generation_prompt=True)
-
-    def _tokenize(self, ds: Dataset, with_labels: bool = True, split: str = "train") -> Dataset:
-        """Ids (and labels) of normalized conversations; with labels, those with no assistant
-        token within ``max_length`` are dropped and counted in :attr:`dropped` under ``split``."""
-        encoder = self.encoder
-        refused: list[str] = []
-
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            out: dict[str, list] = {"input_ids": [], "attention_mask": []}
-            if with_labels:
-                out["labels"] = []
-            for messages, number in zip(batch["messages"], batch["record"]):
-                try:
-                    encoded = encoder.encode(messages, with_labels)
-                except BadRecord as err:
-                    if self.bad_records == "error":
-                        raise ValueError(f"{split} record {number}: {err} (bad_records: drop skips such "
-                                         "records)") from None
-                    refused.append(str(err))
-                    continue
-                if with_labels and all(x == IGNORE_INDEX for x in encoded["labels"][1:]):
-                    continue
-                for key in out:
-                    out[key].append(encoded[key])
-            return out
-
-        tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing",
-                           load_from_cache_file=False)  # the refusals are counted as it runs
-        if refused:
-            self.rejected[split] = len(refused)
-            rank_zero_warn(f"{split}: dropped {len(refused)} records that the chat template refused "
-                           f"(the first: {refused[0]})")
-        if with_labels:
-            dropped = len(ds) - len(tokenized) - len(refused)
-            self.dropped[split] = dropped
-            if dropped:
-                rank_zero_info(f"{split}: dropped {dropped} of {len(ds)} conversations with no assistant token "
-                               f"within max_length={self.max_length}")
-            if len(tokenized) == 0:
-                raise ValueError(f"no {split} conversation has an assistant token within "
-                                 f"max_length={self.max_length}; raise max_length")
-        return tokenized
-
-    def prepare_stage(self, stage: str | None = None) -> None:
-        super().prepare_stage(stage)
-        if self.packing:
-            if stage in ("fit", None):
-                self.train_dataset = pack_dataset(self.train_dataset, self.max_length, self.seed)
-            if stage in ("fit", "validate", None):
-                self.val_datasets = [pack_dataset(ds, self.max_length, self.seed) for ds in self.val_datasets]
-            if stage in ("test", None):
-                self.test_datasets = [pack_dataset(ds, self.max_length, self.seed) for ds in self.test_datasets]
-
-    def _collator(self):
-        if self.packing:
-            return PackedCollator(self._load_tokenizer().pad_token_id)
-        return super()._collator()
-
-    # ---- generation -----------------------------------------------------------------------
-
-    def generation_examples(self, limit: int | None = None) -> tuple[Dataset, torch.utils.data.DataLoader]:
-        """The first ``limit`` validation conversations as prompts with their reference reply
-        (a dataset with ``messages`` and ``reference``), and a loader of their left-padded prompt
-        ids, in the same order, for generation."""
-        val = self._val_splits()[0]
-        if limit is not None and limit < len(val):
-            val = val.select(range(limit))
-        raw = self._prompts(val)
-        ids = self._tokenize(raw, with_labels=False, split="generation")
-        left = copy.deepcopy(self._load_tokenizer())
-        left.padding_side = "left"
-        loader = torch.utils.data.DataLoader(ids, batch_size=self.eval_batch_size,
-                                             collate_fn=DataCollatorWithPadding(left))
-        return raw, loader
 
 
-class _RowList(list):
-    """Rows read from a JSON file, with the column names that :meth:`ChatDataModule._normalize`
-    reads."""
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(dict.fromkeys(k for row in self if isinstance(row, dict) for k in row))
-
-
-def chitchat_conversations(max_messages: int = 6, path: str | None = None) -> Iterator[dict[str, list]]:
-    """The Chit-Chat Challenge conversations (``chitchat-dataset``) as OpenAI-style chats: each
-    conversation cut into chats of up to ``max_messages`` messages, the first speaker of each chat
-    as the user and the other as the assistant, alternating. A message is its sender's consecutive
-    utterances joined by spaces; chats without an assistant message are left out."""
-    from .instruction import chitchat_path
-
-    with open(path or chitchat_path(), encoding="utf-8") as f:
-        conversations = json.load(f)
-    for conv in conversations.values():
-        turns = [" ".join(u["text"].strip() for u in message).strip() for message in conv["messages"]]
-        turns = [t for t in turns if t]
-        for start in range(0, len(turns), max_messages):
-            chunk = turns[start:start + max_messages]
-            if len(chunk) >= 2:
-                yield {"messages": [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(chunk)]}
-
-
-class ChitChatConversationsDataModule(ChatDataModule):
+class ChitChatConversationsDataModule(_ChatTemplateDataModule):
     """Offline multi-turn chats: the BYU PCC lab's Chit-Chat Challenge conversations shipped by
     the PyPI package ``chitchat-dataset``, cut into chats of up to ``max_messages`` messages (see
     :func:`chitchat_conversations`). ``max_records`` keeps a seeded random subset of the chats
@@ -598,51 +448,15 @@ class ChitChatConversationsDataModule(ChatDataModule):
     Args:
         max_records: Use a seeded random subset of this many chats (default: all).
         max_messages: Messages per chat (a conversation longer than this gives several chats).
-        system_prompt: System message of every chat (default: the template's).
         chat_template: ``chatml``, ``llama2`` or a Jinja template (default: the tokenizer's).
-        train_on_inputs: Put the loss on every token.
         packing: Pack chats into rows of ``max_length`` tokens.
-        val_size: Chats held out for validation: a count or a fraction.
-        group_by_length: Batch chats of similar length together.
-        predict_file: Conversations (or a ``.txt`` of user messages) to reply to with ``predict``.
-        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
-        max_length: Longest token sequence.
-        batch_size: Train batch size.
-        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
-        max_train_samples: Train on a seeded random subset of this many of the training chats.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the subset, the validation split, the packing and the train order.
-        cache_dir: Folder for the datasets cache of ``predict_file``.
     """
 
-    def __init__(
-        self,
-        max_records: int | None = None,
-        max_messages: int = 6,
-        system_prompt: str | None = None,
-        chat_template: str | None = None,
-        train_on_inputs: bool = False,
-        packing: bool = False,
-        val_size: int | float = 0.05,
-        group_by_length: bool = False,
-        predict_file: str | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 256,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        max_train_samples: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        cache_dir: str | None = None,
-    ) -> None:
+    def __init__(self, max_records: int | None = None, max_messages: int = 6, chat_template: str | None = None,
+                 packing: bool = False, **kwargs: Any) -> None:
         check_int("max_records", max_records, minimum=2, optional=True)
         check_int("max_messages", max_messages, minimum=2)
-        super().__init__(
-            predict_file=predict_file, format="openai", system_prompt=system_prompt, chat_template=chat_template,
-            train_on_inputs=train_on_inputs, packing=packing, val_size=val_size, group_by_length=group_by_length,
-            tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            max_train_samples=max_train_samples, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
-        )
+        super().__init__(chat_template=chat_template, packing=packing, **kwargs)
         self.max_records = max_records
         self.max_messages = max_messages
 
@@ -650,11 +464,7 @@ class ChitChatConversationsDataModule(ChatDataModule):
         return "the chitchat-dataset conversations"
 
     def _train_source(self) -> tuple[list[Any], dict[str, Any]]:
-        from .instruction import chitchat_path
-
         return [chitchat_path()], {"max_records": self.max_records, "max_messages": self.max_messages}
 
-    def _read_train(self) -> Dataset:
-        records = list(chitchat_conversations(self.max_messages))
-        records = seeded_subset(records, self.max_records, self.seed)
-        return _RowList(records)  # type: ignore[return-value]
+    def _read_train(self) -> list:
+        return seeded_subset(list(chitchat_conversations(self.max_messages)), self.max_records, self.seed)

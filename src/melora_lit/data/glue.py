@@ -5,21 +5,19 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-from ..training.metrics import glue_metrics
 from ..errors import describe, not_found
-from .base import ClassificationDataModule
-from .glue_submission import glue_test_split
+from ..metrics import glue_metrics
+from .base import ClassificationDataModule, SubmissionWriter
+from .glue_submission import GLUE_HUB_DATASET, SUBMISSION_COLUMN, GLUESubmission, glue_test_split
 
-__all__ = ["GLUEDataModule", "GLUE_TASKS"]
-
-GLUE_HUB_DATASET = "nyu-mll/glue"
+__all__ = ["GLUEDataModule", "GLUE_TASKS", "GLUE_HUB_DATASET"]
 
 
 @dataclass(frozen=True)
@@ -119,40 +117,25 @@ class GLUEDataModule(ClassificationDataModule):
 
     Args:
         task: GLUE task.
-        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
         data_dir: Folder in the original GLUE layout (``<data_dir>/<TASK>/train.tsv``,
             ``dev.tsv``; MNLI ``dev_matched.tsv``/``dev_mismatched.tsv``), e.g. written by the
             GLUE download script. None: the hub dataset ``nyu-mll/glue``.
-        max_length: Longest token sequence; longer inputs are truncated.
-        batch_size: Train batch size.
-        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
-        max_train_samples: Train on a seeded random subset of this many examples.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the train subset and the train shuffling.
-        cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
         predict_split: What ``predict`` reads: ``validation`` (the dev texts), or ``test`` (the
             unlabelled test split, ``<data_dir>/<TASK>/test.tsv`` or the hub's): then ``predict``
             also writes the leaderboard's submission file(s), see
             :mod:`melora_lit.data.glue_submission`.
+        max_length: Longest token sequence; longer inputs are truncated.
     """
 
     def __init__(
         self,
         task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] = "rte",
-        tokenizer: str | None = None,
         data_dir: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        max_train_samples: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        cache_dir: str | None = None,
         predict_split: Literal["validation", "test"] = "validation",
+        max_length: int = 128,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tokenizer, max_length, batch_size, eval_batch_size, max_train_samples, num_workers, seed, cache_dir
-        )
+        super().__init__(max_length=max_length, **kwargs)
         if task not in _TASKS:
             raise ValueError(f"unknown GLUE task {task!r}; valid tasks: {', '.join(GLUE_TASKS)}")
         self.task = task
@@ -310,6 +293,11 @@ class GLUEDataModule(ClassificationDataModule):
         """The validation texts (MNLI: the matched set), or with ``predict_split="test"`` the test
         texts, without labels; the rows are in ``raw_predict``."""
         return super().predict_dataloader()
+
+    def submission_writer(self) -> SubmissionWriter | None:
+        """The leaderboard's files when a test split is predicted (its rows name their file)."""
+        columns = getattr(self.raw_predict, "column_names", None) or ()
+        return GLUESubmission() if self.predict_split == "test" and SUBMISSION_COLUMN in columns else None
 
     def _predict_split(self) -> Dataset:
         if self.predict_split == "test":

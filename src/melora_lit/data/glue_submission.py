@@ -22,7 +22,11 @@ from datasets import Dataset, Features, Value, concatenate_datasets, load_datase
 from ..errors import describe, first_line
 from ..run import staged_folder
 
-__all__ = ["SUBMISSION_COLUMN", "SUBMISSION_FILES", "glue_test_split", "write_submission"]
+__all__ = ["GLUE_HUB_DATASET", "SUBMISSION_COLUMN", "SUBMISSION_FILES", "GLUESubmission", "glue_test_split",
+           "write_submission"]
+
+#: GLUE on the Hugging Face hub (the data module's train and dev splits, and the test splits here)
+GLUE_HUB_DATASET = "nyu-mll/glue"
 
 # the raw predict rows of a test split carry the submission file they belong to in this column
 SUBMISSION_COLUMN = "glue_file"
@@ -96,8 +100,6 @@ def _read_tsv(spec: _TestFile, root: Path, cache_dir: str | None) -> Dataset:
 
 
 def _read_hub(spec: _TestFile, cache_dir: str | None) -> Dataset:
-    from .glue import GLUE_HUB_DATASET
-
     config, split = spec.hub
     try:
         ds = load_dataset(GLUE_HUB_DATASET, config, split=split, cache_dir=cache_dir)
@@ -115,6 +117,17 @@ def _leaderboard_value(name: str, prediction: Any, label_names: list[str] | None
     if name in _AS_ID:
         return str(label_names.index(prediction)) if label_names else str(prediction)
     return str(prediction)
+
+
+class GLUESubmission:
+    """The GLUE leaderboard's files of a predicted test split: what :class:`~melora_lit.data.GLUEDataModule`
+    gives the prediction writer (a :class:`~melora_lit.data.base.SubmissionWriter`)."""
+
+    name = "GLUE"
+    folder = "glue_submission"
+
+    def write(self, rows: list[dict[str, Any]], folder: Path, label_names: list[str] | None) -> list[Path]:
+        return write_submission(rows, folder, label_names)
 
 
 def write_submission(rows: Iterable[dict[str, Any]], folder: Path, label_names: list[str] | None) -> list[Path]:

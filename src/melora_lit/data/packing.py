@@ -25,9 +25,9 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening
 
-from .instruction import IGNORE_INDEX
+__all__ = ["IGNORE_INDEX", "pack_rows", "pack_dataset", "PackedCollator", "flatten_packed"]
 
-__all__ = ["pack_rows", "pack_dataset", "PackedCollator", "flatten_packed"]
+IGNORE_INDEX = -100  # the label of a token without loss
 
 
 def pack_rows(lengths: list[int], max_length: int, seed: int = 0) -> list[list[int]]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..errors import check_utf8, data_file_error, describe, not_found
-from .base import ClassificationDataModule
+from .base import ClassificationDataModule, check_val_size, renamed
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -94,7 +94,7 @@ class TextClassificationDataModule(ClassificationDataModule):
     checkpoints. One text column is classified alone, two as a text pair.
 
     Without a validation file (or hub ``validation`` split), a stratified, seeded
-    ``val_fraction`` of the train data is held out. ``test_dataloader`` uses the test data, or the
+    ``val_size`` of the train data is held out. ``test_dataloader`` uses the test data, or the
     validation data when there is none. ``predict_dataloader`` uses ``predict_file``, else the
     test data, else the validation data; its batches carry no labels, and ``raw_predict`` holds
     the same rows untokenized.
@@ -110,17 +110,12 @@ class TextClassificationDataModule(ClassificationDataModule):
         label_column: Column holding the labels.
         label_names: Class names in class-id order (default: sorted distinct train labels;
             integer labels 0..K-1 keep their ids and are named "0".."K-1").
-        val_fraction: Fraction of the train data held out for validation when there is no
+        val_size: Fraction of the train data held out for validation when there is no
             validation data.
-        tokenizer: Tokenizer hub name or local path (the CLI links the model's here).
-        max_length: Longest token sequence; longer inputs are truncated.
-        batch_size: Train batch size.
-        eval_batch_size: Batch size for validation, test and predict (default: batch_size).
-        max_train_samples: Train on a seeded random subset of this many examples.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the validation split, the train subset and the train shuffling.
-        cache_dir: Folder for the datasets cache (default: the Hugging Face datasets cache).
+        val_fraction: Deprecated: the old name of ``val_size``.
     """
+
+    _val_size_default: ClassVar[float] = 0.1
 
     def __init__(
         self,
@@ -133,25 +128,17 @@ class TextClassificationDataModule(ClassificationDataModule):
         text_columns: list[str] = ["text"],  # noqa: B006 - never mutated; a list reads best in --help
         label_column: str = "label",
         label_names: list[str] | None = None,
-        val_fraction: float = 0.1,
-        tokenizer: str | None = None,
-        max_length: int = 256,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        max_train_samples: int | None = None,
-        num_workers: int = 0,
-        seed: int = 42,
-        cache_dir: str | None = None,
+        val_size: float = 0.1,
+        val_fraction: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tokenizer, max_length, batch_size, eval_batch_size, max_train_samples, num_workers, seed, cache_dir
-        )
+        super().__init__(**kwargs)
         if isinstance(text_columns, str):
             text_columns = [text_columns]
         if not 1 <= len(text_columns) <= 2:
             raise ValueError(f"text_columns takes one column or two (a text pair), got {list(text_columns)}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        val_size = renamed("val_fraction", val_fraction, "val_size", val_size, self._val_size_default)
+        check_val_size(val_size, fraction_only=True)
         if label_names is not None:
             label_names = [str(name) for name in label_names]
             if len(label_names) < 2 or len(set(label_names)) != len(label_names):
@@ -176,7 +163,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.dataset_config_name = dataset_config_name
         self.text_columns = tuple(text_columns)
         self.label_column = label_column
-        self.val_fraction = val_fraction
+        self.val_size = val_size
         self._label_names: list[str] | None = label_names
         self._raw: dict[str, Dataset | None] = {}
         self._hub: DatasetDict | None = None
@@ -344,11 +331,11 @@ class TextClassificationDataModule(ClassificationDataModule):
                     raise ValueError("no train data: pass --data.train_file or --data.dataset_name")
                 try:
                     parts = train.train_test_split(
-                        test_size=self.val_fraction, seed=self.seed, stratify_by_column="labels"
+                        test_size=self.val_size, seed=self.seed, stratify_by_column="labels"
                     )
                 except ValueError as err:  # a class with too few rows to stratify
                     rank_zero_warn(f"validation split not stratified ({describe(err)})")
-                    parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
+                    parts = train.train_test_split(test_size=self.val_size, seed=self.seed)
                 train, val = parts["train"], parts["test"]
             self._fit_splits = (train, val)
         return self._fit_splits
@@ -373,7 +360,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         train = (self._source("train"), {**columns, "max_train_samples": self.max_train_samples, "seed": self.seed})
         if self._raw_split("validation") is not None:
             return {"train": train, "val": (self._source("validation"), columns)}
-        split = {"val_fraction": self.val_fraction, "seed": self.seed}
+        # recorded under the option's old name: the fingerprints of earlier checkpoints keep matching
+        split = {"val_size": self.val_size, "seed": self.seed}
         return {"train": (train[0], {**train[1], **split}),
                 "val": (train[0], {**columns, **split, "held_out_of": "train"})}
 

@@ -5,14 +5,15 @@ metrics (loss and perplexity), ``predict`` generates responses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
-from .metrics import language_modeling_metrics
+from ..metrics import language_modeling_metrics
 from .tasks import BackboneSource, StepLoss, Task
 
 if TYPE_CHECKING:
@@ -129,6 +130,19 @@ class CausalLM(Task):
     """A decoder trained on response tokens; ``predict`` decodes with :attr:`generation`."""
 
     name: ClassVar[str] = "causal-lm"
+    # no KV cache in training: it costs memory and hides packed rows' boundaries
+    forward_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({"use_cache": False})
+    prediction_file: ClassVar[str] = "predictions.jsonl"
+    generates: ClassVar[bool] = True
+    lm_eval: ClassVar[bool] = True
+    unused_settings: ClassVar[tuple[str, ...]] = ("num_labels", "label_names")
+    auto_model_class: ClassVar[str] = "AutoModelForCausalLM"
+    pipeline_tag: ClassVar[str] = "text-generation"
+
+    @classmethod
+    def create(cls, num_labels: int | None = None, label_names: list[str] | None = None,
+               generation: GenerationOptions | None = None) -> CausalLM:
+        return cls(generation)
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         super().__init__()
@@ -141,11 +155,6 @@ class CausalLM(Task):
 
     def finish_gradients(self, module: L.LightningModule) -> None:
         self._step.finish(module)
-
-    def load_backbone(self, source: BackboneSource) -> nn.Module:
-        import transformers
-
-        return source.from_pretrained(transformers.AutoModelForCausalLM)
 
     def build_metrics(self, data: MELoRADataModule | None) -> MetricCollection:
         return language_modeling_metrics()

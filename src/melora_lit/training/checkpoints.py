@@ -22,6 +22,7 @@ loaded by a run or by ``export``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ from ..errors import EXIT_PREEMPTED  # (re-exported: its home is errors)
 from ..fingerprint import backbone_fingerprint, fingerprint_changes
 from ..run import preemption, remove_stale_temp_files, staged
 from . import lightning_private
+from .tasks import task_class, task_names
 
 __all__ = [
     "EXIT_PREEMPTED",
@@ -65,8 +67,9 @@ SHARDED_METADATA = "meta.pt"
 
 # ----------------------------------------------------------------------------- what is saved
 def record_adapter_shapes(module: L.LightningModule, model: torch.nn.Module) -> None:
-    """Record the checkpoint's keys and shapes (``module._checkpoint_shapes``); call it before
-    sharding, which splits the tensors (FSDP2) or renames the modules (FSDP1)."""
+    """Record the checkpoint's keys and shapes (``module._checkpoint_shapes``): the adapter's
+    tensors (:func:`~melora_lit.adapter.inject.adapter_state_dict`). Call it before sharding,
+    which splits the tensors (FSDP2) or renames the modules (FSDP1)."""
     from ..adapter import adapter_state_dict
 
     state = adapter_state_dict(model, module.summary.modules_to_save)
@@ -161,9 +164,9 @@ def check_resume(path: str | os.PathLike, checkpoint: Mapping[str, Any], model_h
     anything, so a refused resume leaves the run folder as it was."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
     current = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in dict(model_hparams).items()}
-    keys = [k for k in _RESUME_SETTINGS if k in saved or k in current]
-    if saved.get("task", current.get("task")) == "causal-lm":
-        keys = [k for k in keys if k not in ("num_labels", "label_names")]  # not used by causal LMs
+    task = saved.get("task", current.get("task"))
+    unused = task_class(task).unused_settings if task is None or task in task_names() else ()
+    keys = [k for k in _RESUME_SETTINGS if (k in saved or k in current) and k not in unused]
     diffs = [d for k in keys for d in _differences(saved.get(k), current.get(k), k)]
     if diffs:
         raise ValueError(f"checkpoint {path} does not fit this run: it was trained with {diffs[0]}; resume with "
@@ -395,6 +398,12 @@ class ResumableCheckpoint(ModelCheckpoint):
     _stop_at_epoch_end = False  # a signal came at an epoch's last batch
     _started = False  # the first step may run: a stop from now on saves
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # as given (ModelCheckpoint keeps it in a private attribute); 0: not step-based
+        given = inspect.signature(ModelCheckpoint).bind(*args, **kwargs).arguments
+        self.step_interval = int(given.get("every_n_train_steps") or 0)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath) and Path(self.dirpath).is_dir():
@@ -409,7 +418,7 @@ class ResumableCheckpoint(ModelCheckpoint):
                 or self._saved_step == trainer.global_step)
         if skip:
             return
-        if lightning_private.checkpoint_every_n_train_steps(self):
+        if self.step_interval:
             lightning_private.save_topk_and_last(self, trainer)
         elif self.save_last:
             # Lightning (2.6) rewrites ``last`` only when the top-k checkpoint was saved at this
@@ -442,10 +451,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._started = False
         preemption.stop_before_start("fit", trainer)
         self._started = True
-        # SIGUSR1 is installed after Lightning registered its own handlers, so that its SLURM
-        # auto-requeue handler (when there is one) still runs: after ours. SIGTERM stays
-        # Lightning's (trainer.received_sigterm) on one process.
-        preemption.watch(term=trainer.world_size > 1, chain_usr1=True)
+        # SIGTERM stays Lightning's (trainer.received_sigterm) on one process
+        preemption.watch(term=trainer.world_size > 1)
 
     def _remove_checkpoints_beyond_top_k(self) -> None:
         """A kill between writing a new top-k checkpoint and removing the one it replaced leaves

@@ -4,16 +4,16 @@ outputs on the backbone (one output: a regression score), accuracy/F1 or the dat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
-from .metrics import classification_metrics, regression_metrics
+from ..metrics import classification_metrics, regression_metrics
 from ..adapter.inject import fresh_heads
-from .tasks import BackboneSource, Task
+from .tasks import Task
 
 if TYPE_CHECKING:
     from ..data.base import MELoRADataModule
@@ -24,6 +24,15 @@ class SequenceClassification(Task):
     """A classifier of ``num_labels`` classes (1 = regression) named ``label_names``."""
 
     name: ClassVar[str] = "sequence-classification"
+    default_monitor: ClassVar[tuple[str, str]] = ("val/accuracy", "max")
+    metrics_from_data: ClassVar[bool] = True  # the data names its metrics (GLUE: Matthews, Pearson, ...)
+    auto_model_class: ClassVar[str] = "AutoModelForSequenceClassification"
+    pipeline_tag: ClassVar[str] = "text-classification"
+
+    @classmethod
+    def create(cls, num_labels: int | None = None, label_names: list[str] | None = None,
+               generation: Any = None) -> SequenceClassification:
+        return cls(num_labels, label_names)
 
     def __init__(self, num_labels: int | None, label_names: list[str] | None = None) -> None:
         super().__init__()
@@ -39,16 +48,14 @@ class SequenceClassification(Task):
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
-    def load_backbone(self, source: BackboneSource) -> nn.Module:
-        import transformers
-
-        config: dict = {"num_labels": self.num_labels}
+    def backbone_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"num_labels": self.num_labels}
         if self.is_regression:
             config["problem_type"] = "regression"
         elif self.label_names:
             config["id2label"] = dict(enumerate(self.label_names))
             config["label2id"] = {name: i for i, name in enumerate(self.label_names)}
-        return source.from_pretrained(transformers.AutoModelForSequenceClassification, **config)
+        return config
 
     def heads(self, model: nn.Module) -> list[str]:
         # the heads a sequence classifier builds fresh: always trained and saved with the adapter

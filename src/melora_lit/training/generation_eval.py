@@ -58,7 +58,7 @@ class GenerationEvaluation(Callback):
         if trainer.sanity_checking or self.num_examples == 0:
             return
         dm = trainer.datamodule
-        if not hasattr(dm, "generation_examples") or not getattr(pl_module, "is_causal_lm", False):
+        if not hasattr(dm, "generation_examples") or not getattr(getattr(pl_module, "task", None), "generates", False):
             raise ValueError("GenerationEvaluation needs a causal LM (task: causal-lm) and a chat data module "
                              f"(ChatDataModule); got {type(dm).__name__}")
         raw, loader = dm.generation_examples(self.num_examples)

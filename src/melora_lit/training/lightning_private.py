@@ -22,17 +22,11 @@ PRIVATE_MEMBERS: list[tuple[str, str]] = []
 # every_n_train_steps and every_n_epochs mutually exclusive and has no public "save now": its
 # own save methods keep best_k_models, last_model_path and the version counter right.
 PRIVATE_MEMBERS += [
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_every_n_train_steps"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_should_save_on_train_epoch_end"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_monitor_candidates"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_topk_checkpoint"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_last_checkpoint"),
 ]
-
-
-def checkpoint_every_n_train_steps(callback: Any) -> int:
-    """``every_n_train_steps`` as the callback resolved it (0: not step-based)."""
-    return int(callback._every_n_train_steps)
 
 
 def saves_on_train_epoch_end(callback: Any, trainer: Any) -> bool:
@@ -53,16 +47,38 @@ def save_last(callback: Any, trainer: Any) -> None:
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
+# ----------------------------------------------------------------------------- monitoring
+# BestMetricHParams (melora_lit.training.monitoring) writes the one hparams summary of a run, with
+# the data module's hyperparameters where Lightning would log them: when it called
+# ``save_hyperparameters(logger=True)``, which Lightning records in a flag with no public reader.
+PRIVATE_MEMBERS += [("lightning.pytorch.LightningDataModule", "_log_hyperparams")]
+
+
+def logs_hyperparameters(obj: Any) -> bool:
+    """Whether ``obj`` (a LightningDataModule) asked for its hyperparameters to be logged."""
+    return bool(getattr(obj, "_log_hyperparams", False))
+
+
+# TokenThroughputMonitor (melora_lit.training.monitoring) is Lightning's ThroughputMonitor, which
+# warns at the first batch of a module without ``flops_per_batch`` (every MELoRA module): it
+# decides that once, in a flag that is set beforehand here.
+PRIVATE_MEMBERS += [("lightning.pytorch.callbacks.ThroughputMonitor", "_module_has_flops")]
+
+
+def throughput_flops_if_given(callback: Any, pl_module: Any) -> None:
+    """ThroughputMonitor: FLOPs only when ``pl_module`` gives them, with no warning when it does not."""
+    callback._module_has_flops = hasattr(pl_module, "flops_per_batch")
+
+
 # ----------------------------------------------------------------------------- strategies
 # FSDP2Strategy and FSDPStrategy (melora_lit.training.strategies) subclass Lightning's
-# ModelParallelStrategy and FSDPStrategy. Their settings live in private attributes with no
-# public reader: the data-parallel size ("auto" until the environment is known), whether a
-# checkpoint is saved as a sharded folder, FSDP1's state-dict type and activation-checkpointing
-# policy; and FSDP1 wraps the model in ``_setup_model``, the one hook that runs before wrapping.
+# ModelParallelStrategy and FSDPStrategy. Two settings they must change after the constructor
+# live in private attributes with no public writer: the data-parallel size ("auto" until the
+# environment is known) and FSDP1's activation-checkpointing policy (the layer classes are known
+# only once the model is built); and FSDP1 wraps the model in ``_setup_model``, the one hook that
+# runs before wrapping. (The settings they only read, they keep from their own constructor.)
 PRIVATE_MEMBERS += [
     ("lightning.pytorch.strategies.ModelParallelStrategy", "_data_parallel_size"),
-    ("lightning.pytorch.strategies.ModelParallelStrategy", "_save_distributed_checkpoint"),
-    ("lightning.pytorch.strategies.FSDPStrategy", "_state_dict_type"),
     ("lightning.pytorch.strategies.FSDPStrategy", "_activation_checkpointing_kwargs"),
     ("lightning.pytorch.strategies.FSDPStrategy", "_setup_model"),
 ]
@@ -74,22 +90,19 @@ def resolve_data_parallel_size(strategy: Any) -> None:
         strategy._data_parallel_size = strategy.num_nodes * strategy.num_processes
 
 
-def saves_distributed_checkpoint(strategy: Any) -> bool:
-    """ModelParallelStrategy: whether checkpoints are sharded folders (``save_distributed_checkpoint``)."""
-    return bool(strategy._save_distributed_checkpoint)
-
-
-def fsdp_state_dict_type(strategy: Any) -> str:
-    """FSDPStrategy: ``state_dict_type`` (``full`` or ``sharded``)."""
-    return str(strategy._state_dict_type)
-
-
 def fsdp_set_activation_checkpointing(strategy: Any, kwargs: dict[str, Any]) -> None:
     """FSDPStrategy: the activation-checkpointing policy, unless the user gave one."""
     if not strategy._activation_checkpointing_kwargs:
         strategy._activation_checkpointing_kwargs = kwargs
 
 
-def fsdp_setup_model(strategy_class: type, strategy: Any, model: Any) -> Any:
-    """FSDPStrategy: Lightning's own wrapping of ``model`` (the parent's ``_setup_model``)."""
-    return super(strategy_class, strategy)._setup_model(model)
+class BeforeFSDPWrap:
+    """FSDPStrategy mixin (before Lightning's class in the bases): ``before_fsdp_wrap(model)``
+    runs right before Lightning wraps ``model``."""
+
+    def before_fsdp_wrap(self, model: Any) -> None:
+        pass
+
+    def _setup_model(self, model: Any) -> Any:
+        self.before_fsdp_wrap(model)
+        return super()._setup_model(model)

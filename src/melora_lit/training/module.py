@@ -24,7 +24,7 @@ from .checkpoints import attached_trainer, load_adapter_state, record_adapter_sh
 from .causal_lm import GenerationOptions
 from .optim import SCHEDULES, check_optimizer, configure_optimization, parameter_groups
 from .precision import keep_trainable_float32
-from .tasks import ATTN_IMPLEMENTATIONS, BACKBONE_DTYPES, BackboneSource, load_backbone, make_task
+from .tasks import ATTN_IMPLEMENTATIONS, BACKBONE_DTYPES, BackboneSource, load_backbone, task_class
 
 if TYPE_CHECKING:
     from ..data.base import MELoRADataModule
@@ -125,7 +125,7 @@ class MELoRAModule(L.LightningModule):
     ) -> None:
         super().__init__()
         melora = melora if melora is not None else MELoRAConfig()
-        self.task = make_task(task, num_labels, label_names, generation)  # validates them
+        self.task = task_class(task).create(num_labels, label_names, generation)  # validates them
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio={warmup_ratio} is not valid; use a fraction in [0, 1)")
         if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
@@ -234,10 +234,6 @@ class MELoRAModule(L.LightningModule):
     def label_names(self, names: list[str] | None) -> None:
         self.task.label_names = names
 
-    @property
-    def is_causal_lm(self) -> bool:
-        return self.task.name == "causal-lm"
-
     def on_fit_start(self) -> None:
         # Not in self.hparams: those must stay the init arguments, which LightningCLI reads
         # back from a checkpoint to rebuild the model.
@@ -255,13 +251,11 @@ class MELoRAModule(L.LightningModule):
         }
 
     def forward(self, **batch: torch.Tensor) -> Any:
-        if self.is_causal_lm:  # no KV cache in training: it costs memory and hides packed rows' boundaries
-            batch.setdefault("use_cache", False)
-        return self.model(**batch)
+        return self.model(**{**self.task.forward_defaults, **batch})
 
     # ----------------------------------------------------------------------------- data and metrics
     def setup(self, stage: str) -> None:
-        from ..data.base import MELoRADataModule  # not at the top: the data package imports training's metrics
+        from ..data.base import MELoRADataModule  # not at the top: datasets costs export and generate 0.5 s
 
         dm = self.trainer.datamodule
         self.data = dm if isinstance(dm, MELoRADataModule) else None
@@ -301,7 +295,7 @@ class MELoRAModule(L.LightningModule):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
         """Responses of a causal LM to a batch of left-padded prompts, with ``generation``'s
         settings (what ``predict`` writes)."""
-        if not self.is_causal_lm:
+        if not self.task.generates:
             raise ValueError(f"generate() needs --model.task causal-lm, this model is {self.task.name}")
         return self.task.predict_step(self, {"input_ids": input_ids, "attention_mask": attention_mask})["response"]
 

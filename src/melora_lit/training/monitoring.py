@@ -46,7 +46,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..adapter.diagnostics import adapter_diagnostics
 from ..adapter import melora_layers
-from .metrics import main_metric
+from ..metrics import main_metric
+from . import lightning_private
 
 __all__ = ["MELoRADiagnostics", "TokenThroughputMonitor", "BestMetricHParams", "batch_size", "num_tokens",
            "follow_early_stopping"]
@@ -196,8 +197,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        # FLOPs only when the module gives them; no warning when it does not
-        self._module_has_flops = hasattr(pl_module, "flops_per_batch")
+        lightning_private.throughput_flops_if_given(self, pl_module)
 
 
 # ------------------------------------------------------------------------------- hparams view
@@ -222,7 +222,7 @@ class BestMetricHParams(Callback):
     Args:
         monitor: validation metric, e.g. ``val/accuracy``; default: the checkpoint's ``monitor``
             (``--checkpoint.monitor``), else the task's main metric
-            (:func:`melora_lit.training.metrics.main_metric`).
+            (:func:`melora_lit.metrics.main_metric`).
         mode: ``max`` or ``min``; default: the checkpoint's mode for its monitor, else ``min`` for
             a loss or perplexity and ``max`` for anything else.
     """
@@ -278,7 +278,7 @@ class BestMetricHParams(Callback):
         resolved = self._resolve(trainer, self._metric_names(pl_module))
         params: dict[str, Any] = {k: v for k, v in pl_module.hparams_initial.items() if not k.startswith("_")}
         dm = trainer.datamodule
-        if dm is not None and getattr(dm, "_log_hyperparams", False):
+        if dm is not None and lightning_private.logs_hyperparameters(dm):
             params.update({k: v for k, v in dm.hparams_initial.items() if not k.startswith("_")})
         if hasattr(pl_module, "run_hparams"):  # MELoRAModule: parameter counts, MELoRA config
             params.update(pl_module.run_hparams())

@@ -18,6 +18,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from ..adapter.inject import adapter_params, is_adapter_key
+
 __all__ = ["SCHEDULES", "ScheduleName", "check_optimizer", "parameter_groups", "configure_optimization"]
 
 ScheduleName = Literal["linear", "cosine", "constant"]
@@ -62,14 +64,13 @@ def check_optimizer(optimizer: Callable[[Iterable], Optimizer]) -> None:
 
 def parameter_groups(model: nn.Module, modules_to_save: Iterable[str], learning_rate: float,
                      head_learning_rate: float | None, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters of ``model`` in groups of equal ``(lr, weight_decay)``, in the
-    order their first parameter appears."""
+    """The adapter's parameters (:func:`~melora_lit.adapter.inject.adapter_params`) in groups of
+    equal ``(lr, weight_decay)``, in the order their first parameter appears."""
     saved = tuple(modules_to_save)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = any(name == s or name.startswith(s + ".") for s in saved)
+    for name, p in adapter_params(model, saved).items():
+        # a saved module's, by its first name: a head tied to the input embeddings trains at their rate
+        is_head = is_adapter_key(name, (), saved)
         lr = head_learning_rate if is_head and head_learning_rate is not None else learning_rate
         # biases and norm weights are 1-D; decaying them hurts and the paper's code does not
         wd = 0.0 if p.ndim < 2 else weight_decay

@@ -5,27 +5,31 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..data.glue_submission import SUBMISSION_COLUMN, write_submission
 from ..run import PREDICTION_SUFFIXES, check_output, remove_stale_temp_files, staged
+from .tasks import Task
+
+if TYPE_CHECKING:
+    from ..data.base import SubmissionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predict`` results next to the input rows.
 
     Args:
-        output_file: ``.csv`` or ``.jsonl`` path; default ``predictions.csv`` in the run's
-            log directory (``predictions.jsonl`` for a causal LM). Each row holds the input
-            columns plus, for a classifier, ``prediction`` (a label name, or a score for
-            regression) and ``score`` (the predicted class probability); for a causal LM
-            (``task: causal-lm``), ``instruction``, ``input`` and the generated ``response``.
-        submission_dir: where a GLUE test split's leaderboard files go (``RTE.tsv``, ...; see
-            :mod:`melora_lit.data.glue_submission`); default ``glue_submission/`` beside the
-            predictions file. The folder is written whole (replacing one there).
+        output_file: ``.csv`` or ``.jsonl`` path; default the task's file in the run's log
+            directory (``predictions.csv``; ``predictions.jsonl`` for a causal LM). Each row holds
+            the input columns plus the task's columns: for a classifier, ``prediction`` (a label
+            name, or a score for regression) and ``score`` (the predicted class probability); for
+            a causal LM (``task: causal-lm``), the generated ``response``.
+        submission_dir: where the data module's submission files go (its ``submission_writer()``:
+            a GLUE test split's leaderboard files, ``RTE.tsv``, ...; see
+            :mod:`melora_lit.data.glue_submission`); default the folder it names beside the
+            predictions file (``glue_submission/``). The folder is written whole (replacing one there).
         overwrite: replace an existing ``output_file`` and ``submission_dir`` (refused before any
             prediction otherwise).
     """
@@ -51,29 +55,30 @@ class PredictionWriter(BasePredictionWriter):
             check_output(self.output_file, "prediction_writer.output_file", self.overwrite,
                          suffixes=PREDICTION_SUFFIXES, overwrite_option=flag, current=trainer.log_dir)
         remove_stale_temp_files(path.parent)
-        if self._submits(trainer) and trainer.world_size == 1:
-            folder = self._submission_folder(path)
+        submission = self._submission(trainer)
+        if submission is not None and trainer.world_size == 1:
+            folder = self._submission_folder(submission, path)
             check_output(folder, "prediction_writer.submission_dir", self.overwrite, folder=True,
                          overwrite_option=flag, current=trainer.log_dir)
             remove_stale_temp_files(folder.parent)
 
     def _path(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        default = "predictions.jsonl" if getattr(pl_module, "is_causal_lm", False) else "predictions.csv"
+        task = getattr(pl_module, "task", None)
+        default = (task if isinstance(task, Task) else Task).prediction_file
         path = Path(self.output_file) if self.output_file else Path(trainer.log_dir or ".") / default
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         return path
 
-    def _submission_folder(self, predictions_file: Path) -> Path:
-        return Path(self.submission_dir) if self.submission_dir else predictions_file.parent / "glue_submission"
+    def _submission_folder(self, submission: SubmissionWriter, predictions_file: Path) -> Path:
+        return Path(self.submission_dir) if self.submission_dir else predictions_file.parent / submission.folder
 
     @staticmethod
-    def _submits(trainer: L.Trainer) -> bool:
-        """Whether GLUE leaderboard files are written: a GLUE test split is predicted (its rows name
-        their file; a column of that name in other data is only a column)."""
-        data = trainer.datamodule
-        columns = getattr(getattr(data, "raw_predict", None), "column_names", None) or ()
-        return getattr(data, "predict_split", None) == "test" and SUBMISSION_COLUMN in columns
+    def _submission(trainer: L.Trainer) -> SubmissionWriter | None:
+        """The files the data module makes of the predictions besides the predictions file (GLUE's
+        leaderboard files: :meth:`~melora_lit.data.base.MELoRADataModule.submission_writer`), if any."""
+        provide = getattr(trainer.datamodule, "submission_writer", None)
+        return provide() if callable(provide) else None
 
     def write_on_epoch_end(
         self,
@@ -108,14 +113,16 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerows(ordered)
         self.written = path
         print(f"melora-lit: wrote {len(ordered)} predictions to {path}")
-        if ordered and self._submits(trainer):
-            self._write_submission(trainer, ordered, getattr(pl_module, "label_names", None), path)
+        submission = self._submission(trainer) if ordered else None
+        if submission is not None:
+            self._write_submission(trainer, submission, ordered, getattr(pl_module, "label_names", None), path)
 
-    def _write_submission(self, trainer: L.Trainer, rows: list[dict[str, Any]], label_names: list[str] | None,
-                          predictions_file: Path) -> None:
+    def _write_submission(self, trainer: L.Trainer, submission: SubmissionWriter, rows: list[dict[str, Any]],
+                          label_names: list[str] | None, predictions_file: Path) -> None:
         if trainer.world_size > 1:  # each process holds a part of the test rows
-            print("melora-lit: GLUE submission files need the whole test split: run predict with one device")
+            print(f"melora-lit: {submission.name} submission files need the whole test split: run predict with one "
+                  f"device")
             return
-        self.submission = write_submission(rows, self._submission_folder(predictions_file), label_names)
+        self.submission = submission.write(rows, self._submission_folder(submission, predictions_file), label_names)
         for path in self.submission:
-            print(f"melora-lit: wrote the GLUE leaderboard file {path}")
+            print(f"melora-lit: wrote the {submission.name} leaderboard file {path}")

@@ -46,6 +46,8 @@ __all__ = [
     "apply_fsdp2",
     "enable_gradient_checkpointing",
     "transformer_layer_classes",
+    "with_collective_timeout",
+    "COLLECTIVE_TIMEOUT_S",
 ]
 
 
@@ -236,13 +238,14 @@ class FSDP2Strategy(_AdapterCheckpointMixin, ModelParallelStrategy):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
+        self.save_distributed_checkpoint = save_distributed_checkpoint  # Lightning keeps it private
 
     def setup_environment(self) -> None:
         lightning_private.resolve_data_parallel_size(self)
         super().setup_environment()
 
     def _full_checkpoint(self) -> bool:
-        return not lightning_private.saves_distributed_checkpoint(self)
+        return not self.save_distributed_checkpoint
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if not self._full_checkpoint():
@@ -250,7 +253,7 @@ class FSDP2Strategy(_AdapterCheckpointMixin, ModelParallelStrategy):
         return gather_trainable_state(self.model)  # Lightning's gathers the frozen backbone too
 
 
-class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
+class FSDPStrategy(_AdapterCheckpointMixin, lightning_private.BeforeFSDPWrap, _LightningFSDPStrategy):
     """FSDP1 (``FullyShardedDataParallel``) for a MELoRA backbone; GPU only.
 
     Each transformer layer (:func:`transformer_layer_classes`, found when the model is set up,
@@ -288,6 +291,7 @@ class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
                          timeout=timeout, **kwargs)
         self.auto_wrap = auto_wrap
         self.activation_checkpointing = activation_checkpointing
+        self.state_dict_type = state_dict_type  # Lightning keeps it private
 
     def setup_environment(self) -> None:
         # Lightning refuses FSDP on CPU only for its own class; torch's FSDP1 needs an accelerator.
@@ -310,12 +314,54 @@ class FSDPStrategy(_AdapterCheckpointMixin, _LightningFSDPStrategy):
         rank_zero_info(f"melora-lit: FSDP units: each {'/'.join(sorted(c.__name__ for c in classes))}"
                        f"{' (activations checkpointed)' if self.activation_checkpointing else ''}, then the root")
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def before_fsdp_wrap(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             self.set_layer_policies(model)
-        return lightning_private.fsdp_setup_model(FSDPStrategy, self, model)
 
     def _full_checkpoint(self) -> bool:
-        return lightning_private.fsdp_state_dict_type(self) == "full"
+        return self.state_dict_type == "full"
+
+
+# ------------------------------------------------------------------------------ collective timeout
+#: ``--collective_timeout``'s default, in seconds: a lost node ends the run in minutes, not torch's
+#: 30; long enough for rank 0's checkpoint write and a slow first data load that the others wait for.
+COLLECTIVE_TIMEOUT_S = 600.0
+
+
+def with_collective_timeout(trainer: Any, seconds: float | None) -> list[tuple[Any, str, Any]]:
+    """Give the parsed trainer config's strategy (a ``class_path`` or a registered name such as
+    ``ddp``) ``timeout=seconds`` (``--collective_timeout``: how long a collective, process-group
+    set-up included, waits for the other processes), where it takes one and it is left at torch's
+    default (30 min). Returns ``(namespace, key, value)`` to put back after instantiation, so that
+    ``config.yaml`` keeps ``collective_timeout`` alone. ``auto``: the strategy Lightning picks
+    keeps its own default."""
+    import inspect
+
+    from jsonargparse import Namespace
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = trainer.get("strategy") if trainer is not None else None
+    if seconds is None or strategy is None:
+        return []
+    timeout = timedelta(seconds=seconds)
+    if isinstance(strategy, str):
+        entry = dict.get(StrategyRegistry, strategy)  # its class and arguments (.get builds one)
+        if entry is None or "timeout" not in inspect.signature(entry["strategy"]).parameters:
+            return []
+        cls = entry["strategy"]
+        trainer.strategy = Namespace(class_path=f"{cls.__module__}.{cls.__qualname__}",
+                                     init_args=Namespace(**{**entry["init_params"], "timeout": timeout}))
+        return [(trainer, "strategy", strategy)]
+    args = strategy.get("init_args") if isinstance(strategy, Namespace) else None
+    if args is None or args.get("timeout", default_pg_timeout) not in (None, default_pg_timeout):
+        return []  # not a class_path, or its own timeout set
+    from importlib import import_module
+
+    module, _, name = str(strategy.class_path).rpartition(".")
+    if "timeout" not in inspect.signature(getattr(import_module(module), name)).parameters:
+        return []
+    before = args.get("timeout")
+    args.timeout = timeout
+    return [(args, "timeout", before)]

@@ -1,15 +1,19 @@
 """What differs between the tasks that :class:`~melora_lit.training.module.MELoRAModule` trains:
 how the backbone is loaded, which heads are trained with the adapter, which metrics are kept,
-what an evaluation step logs and what ``predict`` returns. One :class:`Task` per ``task:`` value:
-:class:`~melora_lit.training.classification.SequenceClassification` and
-:class:`~melora_lit.training.causal_lm.CausalLM`; :func:`make_task` picks it.
+what an evaluation step logs and what ``predict`` returns, and what the commands that only have a
+checkpoint's hyper-parameters ask of its task (export, evaluate, generate). One :class:`Task` per
+``task:`` value: :class:`~melora_lit.training.classification.SequenceClassification` and
+:class:`~melora_lit.training.causal_lm.CausalLM`, registered by their ``name`` as they are defined
+(the ``training`` package imports both); :func:`task_class` finds one. No module outside the task
+classes compares task names: they ask the task.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -22,11 +26,12 @@ if TYPE_CHECKING:
     import lightning as L
 
     from ..data.base import MELoRADataModule
-    from .causal_lm import GenerationOptions
 
-__all__ = ["TASKS", "ATTN_IMPLEMENTATIONS", "BACKBONE_DTYPES", "BackboneSource", "StepLoss", "Task", "make_task", "load_backbone"]
+__all__ = ["ATTN_IMPLEMENTATIONS", "BACKBONE_DTYPES", "DEFAULT_TASK", "BackboneSource", "StepLoss", "Task",
+           "task_class", "task_names", "load_backbone"]
 
-TASKS = ("sequence-classification", "causal-lm")
+#: the ``task:`` of a module (and of a checkpoint that records none)
+DEFAULT_TASK = "sequence-classification"
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: attention backends of transformers that ``attn_implementation`` may name (docs: README, "Attention")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -83,16 +88,55 @@ class StepLoss:
         return count
 
 
+_REGISTRY: dict[str, type[Task]] = {}
+
+
 class Task(ABC):
-    """The task-specific part of a MELoRA run."""
+    """The task-specific part of a MELoRA run. The class attributes describe the task for code
+    that has only a ``task:`` name (:func:`task_class`), such as a checkpoint's hyper-parameters."""
 
     name: ClassVar[str]
+    #: the checkpoint monitor and mode of a run that sets none (the quickstart config's)
+    default_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")
+    #: whether a data module's ``build_metrics()`` decides the metrics (else the task alone)
+    metrics_from_data: ClassVar[bool] = False
+    #: keyword arguments of every forward of the backbone, unless the batch sets them
+    forward_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: ``predict``'s default file, in the run's folder (``.csv`` or ``.jsonl``)
+    prediction_file: ClassVar[str] = "predictions.csv"
+    #: whether it generates text: ``generate()``, ``melora-lit generate``, generation evaluation
+    generates: ClassVar[bool] = False
+    #: whether ``melora-lit evaluate`` (lm-evaluation-harness) can score it
+    lm_eval: ClassVar[bool] = False
+    #: model settings it does not read (a resume does not compare them)
+    unused_settings: ClassVar[tuple[str, ...]] = ()
+    #: the transformers auto class of an exported merged model, and the model card's pipeline tag
+    auto_model_class: ClassVar[str]
+    pipeline_tag: ClassVar[str]
     #: class names in id order (classification; restored from a checkpoint when not given)
     label_names: list[str] | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete task: known by its name from now on
+            _REGISTRY[cls.name] = cls
+
+    @classmethod
     @abstractmethod
+    def create(cls, num_labels: int | None = None, label_names: list[str] | None = None,
+               generation: Any = None) -> Task:
+        """The task from the module's settings (each task takes the ones it reads); one-line
+        ValueErrors for bad ones."""
+
     def load_backbone(self, source: BackboneSource) -> nn.Module:
-        """The pretrained model with this task's head."""
+        """The pretrained model with this task's head (:attr:`auto_model_class`)."""
+        import transformers
+
+        return source.from_pretrained(getattr(transformers, self.auto_model_class), **self.backbone_config())
+
+    def backbone_config(self) -> dict[str, Any]:
+        """What ``from_pretrained`` sets in the backbone's config for this task."""
+        return {}
 
     def heads(self, model: nn.Module) -> list[str]:
         """Modules the backbone builds fresh for this task (trained and saved with the adapter
@@ -129,18 +173,18 @@ class Task(ABC):
         """One batch of ``predict`` results, a list per output column."""
 
 
-def make_task(name: str, num_labels: int | None = None, label_names: list[str] | None = None,
-              generation: GenerationOptions | None = None) -> Task:
-    """The :class:`Task` of a ``task:`` value; a one-line ValueError for a bad one."""
-    if name == "sequence-classification":
-        from .classification import SequenceClassification
+def task_names() -> tuple[str, ...]:
+    """The ``task:`` values, in the order the tasks were defined."""
+    return tuple(_REGISTRY)
 
-        return SequenceClassification(num_labels, label_names)
-    if name == "causal-lm":
-        from .causal_lm import CausalLM
 
-        return CausalLM(generation)
-    raise ValueError(f"task={name!r} is not valid; use one of {', '.join(TASKS)}")
+def task_class(name: str | None) -> type[Task]:
+    """The :class:`Task` of a ``task:`` value (None: :data:`DEFAULT_TASK`); a one-line ValueError
+    for an unknown one."""
+    try:
+        return _REGISTRY[DEFAULT_TASK if name is None else name]
+    except KeyError:
+        raise ValueError(f"task={name!r} is not valid; use one of {', '.join(_REGISTRY)}") from None
 
 
 def load_backbone(
@@ -160,4 +204,4 @@ def load_backbone(
     not used).
     """
     source = BackboneSource(model_name_or_path, trust_remote_code, gguf_file, dtype)
-    return make_task(task, num_labels, label_names).load_backbone(source)
+    return task_class(task).create(num_labels, label_names).load_backbone(source)
