@@ -464,3 +464,17 @@ def test_test_without_a_test_split_says_it_reports_the_validation_split(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("TextClassificationDataModule has no test split here: test reports the validation split, logged as "
             "test/*") in out.stdout + out.stderr
+
+
+def test_the_tests_the_docs_cite_exist():
+    """README.md and docs/*.md name the tests behind their promises (``tests/f.py::name``, or
+    ``::name`` after one of the same file): each must be a test of that file."""
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        current = None
+        for m in re.finditer(r"`(tests/\w+\.py)?::(\w+)(?:\[[^\]`]*\])?`", doc.read_text()):
+            current = m.group(1) or current
+            source = (ROOT / current).read_text() if current and (ROOT / current).is_file() else ""
+            if f"def {m.group(2)}(" not in source:
+                missing.append(f"{doc.name}: {current}::{m.group(2)}")
+    assert not missing, missing

@@ -249,6 +249,23 @@ def test_length_grouped_sampler_is_seeded_and_groups_lengths():
     assert all(lengths[a] >= lengths[b] for m in range(0, 1000, 40) for a, b in zip(order[m:m + 39], order[m + 1:m + 40]))
 
 
+def test_instruction_data_gives_generation_examples_as_chat_data_does(smol_tokenizer, tmp_path):
+    """Generation examples come from the causal-LM data base, so instruction data has them too:
+    the validation records' prompts, left-padded, with their outputs as references."""
+    dm = _dm(smol_tokenizer, _records(12, seed=3), tmp_path, val_size=4, eval_batch_size=3)
+    dm.setup("fit")
+    raw, loader = dm.generation_examples(3)
+    val = dm._val_splits()[0]
+    assert [r["reference"] for r in raw] == [val[i]["output"] for i in range(3)]
+    batches = list(loader)
+    assert [len(b["input_ids"]) for b in batches] == [3]
+    for row, ids, mask in zip(raw, batches[0]["input_ids"], batches[0]["attention_mask"]):
+        prompt = dm.tokenizer.decode(ids[mask.bool()])
+        assert prompt.endswith(dm.format_prompt(row["messages"][-1]["content"].split("\n\n")[0],
+                                                val[row["record"] - 1]["input"]))
+        assert mask[-1] == 1  # left-padded: the prompt ends the row
+
+
 def test_chitchat_pairs_and_data_module(smol_tokenizer):
     pytest.importorskip("chitchat_dataset", reason="needs the chitchat-dataset package")
     pairs = chitchat_pairs(context_turns=2)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -169,9 +168,3 @@ def evaluate_main(args: Sequence[str]) -> dict[str, Any]:
     return evaluate_checkpoint(opts.ckpt_path, opts.tasks.split(","), opts.config, opts.include_path,
                                opts.num_fewshot, opts.limit, opts.batch_size, opts.device,
                                opts.apply_chat_template, not opts.no_merge, opts.output_path, opts.overwrite)
-
-
-if __name__ == "__main__":  # python -m melora_lit.evaluate ...: as melora-lit evaluate ...
-    from .cli import main
-
-    main(["evaluate", *sys.argv[1:]])

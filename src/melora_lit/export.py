@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -310,9 +309,3 @@ def export_main(args: Sequence[str]) -> dict[str, Path]:
     opts = _parser().parse_args(list(args))
     return export_checkpoint(opts.ckpt_path, opts.output_dir, opts.format, opts.config,
                              opts.model_name_or_path, opts.overwrite)
-
-
-if __name__ == "__main__":  # python -m melora_lit.export ...: as melora-lit export ...
-    from .cli import main
-
-    main(["export", *sys.argv[1:]])

@@ -448,9 +448,3 @@ def generate_main(args: Sequence[str]) -> list[dict[str, Any]]:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answered)
         print(f"melora-lit: wrote {len(answered)} replies to {output}")
     return answered
-
-
-if __name__ == "__main__":  # python -m melora_lit.generate ...: as melora-lit generate ...
-    from .cli import main
-
-    main(["generate", *sys.argv[1:]])

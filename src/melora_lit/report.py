@@ -475,9 +475,3 @@ def report_main(args: Sequence[str]) -> dict[str, Path]:
     """``melora-lit report ...`` (args after ``report``)."""
     opts = _parser().parse_args(list(args))
     return build_report(opts.run_dirs, opts.output, opts.overwrite)
-
-
-if __name__ == "__main__":  # python -m melora_lit.report ...: as melora-lit report ...
-    from .cli import main
-
-    main(["report", *sys.argv[1:]])

@@ -37,9 +37,9 @@ class GenerationEvaluation(Callback):
     reference, reply, scores) as a line of ``generations/step_STEP.jsonl`` in the run's folder.
 
     Decoding follows the model's ``generation`` settings. Needs a data module with
-    ``generation_examples`` (:class:`~melora_lit.data.ChatDataModule`); with several processes,
-    each replies to its share of the examples, the logged means cover them all and each process
-    writes its own file (``.rankN``).
+    ``generation_examples`` (every :class:`~melora_lit.data.causal_lm.CausalLMDataModule`: chat
+    and instruction data); with several processes, each replies to its share of the examples, the
+    logged means cover them all and each process writes its own file (``.rankN``).
 
     Args:
         num_examples: Validation conversations to reply to (the first ones; 0 turns this off).
@@ -59,8 +59,8 @@ class GenerationEvaluation(Callback):
             return
         dm = trainer.datamodule
         if not hasattr(dm, "generation_examples") or not getattr(getattr(pl_module, "task", None), "generates", False):
-            raise ValueError("GenerationEvaluation needs a causal LM (task: causal-lm) and a chat data module "
-                             f"(ChatDataModule); got {type(dm).__name__}")
+            raise ValueError("GenerationEvaluation needs a causal LM (task: causal-lm) and its data (ChatDataModule, "
+                             f"InstructionDataModule or another CausalLMDataModule); got {type(dm).__name__}")
         raw, loader = dm.generation_examples(self.num_examples)
         rank, world = trainer.global_rank, trainer.world_size
         means = {k: MeanMetric().to(pl_module.device) for k in ("exact_match", "token_f1", "rougeL")}

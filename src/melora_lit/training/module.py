@@ -259,9 +259,8 @@ class MELoRAModule(L.LightningModule):
 
         dm = self.trainer.datamodule
         self.data = dm if isinstance(dm, MELoRADataModule) else None
-        if self.data is not None and self.data.model_task != self.task.name:
-            raise ValueError(f"{type(dm).__name__} is {self.data.model_task} data; it does not fit --model.task "
-                             f"{self.task.name} (pass --model.task {self.data.model_task}, or other data)")
+        if self.data is not None:
+            self.task.check_data(self.data)
         val_names = self.data.val_names if self.data is not None else ["val"]
         test_names = self.data.test_names if self.data is not None else ["test"]
         base = self.task.build_metrics(self.data)

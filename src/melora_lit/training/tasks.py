@@ -159,6 +159,12 @@ class Task(ABC):
         ``train/loss``, weighted by samples."""
         self.step_loss.log(module)
 
+    def check_data(self, data: MELoRADataModule) -> None:
+        """A one-line ValueError unless ``data`` is this task's (its ``model_task``)."""
+        if data.model_task != self.name:
+            raise ValueError(f"{type(data).__name__} is {data.model_task} data; it does not fit --model.task "
+                             f"{self.name} (pass --model.task {data.model_task}, or other data)")
+
     @abstractmethod
     def build_metrics(self, data: MELoRADataModule | None) -> MetricCollection:
         """The metric collection of one evaluation set (keys without prefix)."""
