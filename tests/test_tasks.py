@@ -89,12 +89,87 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def test_no_import_cycle_between_tasks_nor_between_glue_and_its_submission_files():
-    tasks = SRC / "training" / "tasks.py"
-    assert not {"melora_lit.training.classification", "melora_lit.training.causal_lm"} & _imports(tasks)
-    assert "melora_lit.data.glue" not in _imports(SRC / "data" / "glue_submission.py")
+def _module_graph() -> dict[str, set[str]]:
+    """melora_lit's modules and the package modules each imports (``from . import x`` included)."""
+    names = {}
+    for path in SRC.rglob("*.py"):
+        parts = ["melora_lit", *path.relative_to(SRC).with_suffix("").parts]
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        targets = set()
+        for imported in _imports(path):
+            targets |= {m for m in names if m == imported or m.startswith(imported + ".") and
+                        m.rsplit(".", 1)[0] == imported and names[m].name != "__init__.py"} & _named(imported, path)
+        graph[name] = {t for t in targets if t != name}
+    return graph
+
+
+def _named(imported: str, path: Path) -> set[str]:
+    """``imported`` and, for ``from imported import a, b``, ``imported.a``/``imported.b``."""
+    out = {imported}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            out |= {f"{imported}.{alias.name}" for alias in node.names}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), packages' ``__init__`` left out:
+    they re-export their modules."""
+    inits = {m for m in graph if (SRC / Path(*m.split(".")[1:]) / "__init__.py").is_file() or m == "melora_lit"}
+    index, low, stack, on, groups = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v] - inits:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(set(graph) - inits):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_the_layers_import_downwards_only_and_no_module_imports_itself_back():
+    """errors and adapter/ (torch only) < the neutral modules (metrics, loading, run, sources,
+    fingerprint) < data/ < training/ < the commands: data imports nothing from training, the
+    neutral ones nothing from data, training or the commands; and no import
+    cycle between modules (tasks and their subclasses, glue and its submission files, the
+    commands among themselves)."""
+    graph = _module_graph()
+    layer = {"adapter": 0, "data": 2, "training": 3}
+    neutral = {f"melora_lit.{m}" for m in ("metrics", "loading", "run", "sources", "fingerprint")}
+
+    def rank(module: str) -> int:
+        part = module.split(".")[1] if module.count(".") else ""
+        return 0 if module == "melora_lit.errors" else 1 if module in neutral else layer.get(part, 4)
+
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if b != "melora_lit" and rank(b) > rank(a))
+    assert upward == [], f"imports of a higher layer: {upward}"
+    assert _cycles(graph) == []
     # the prediction writer gets GLUE's files from the data module, not from data.glue_submission
-    assert not any(m.startswith("melora_lit.data.glue") for m in _imports(SRC / "training" / "prediction.py"))
+    assert not any(m.startswith("melora_lit.data.glue") for m in graph["melora_lit.training.prediction"])
+    # the check does see an upward import and a cycle
+    assert rank("melora_lit.training.resume") > rank("melora_lit.data.base") > rank("melora_lit.loading")
+    assert _cycles({"a.x": {"a.y"}, "a.y": {"a.x"}}) == [["a.x", "a.y"]]
 
 
 @pytest.mark.parametrize("args, expected", [
