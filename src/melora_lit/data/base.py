@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..errors import describe, offline_hint
+from ..errors import describe, not_found, offline_hint
 from ..fingerprint import source_fingerprint
 from ..loading import ResumableDataLoader, ResumableRandomSampler, ResumableSampler
 from ..metrics import classification_metrics, regression_metrics
@@ -52,7 +52,7 @@ from ..run import worker_init
 from ..sources import position_limit, resolve_pretrained
 
 __all__ = ["DataTask", "MELoRADataModule", "ClassificationDataModule", "SubmissionWriter", "check_int",
-           "check_val_size", "renamed", "seeded_subset"]
+           "check_val_size", "data_file", "renamed", "seeded_subset"]
 
 DataTask = Literal["sequence-classification", "causal-lm"]
 
@@ -71,6 +71,16 @@ def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def data_file(path: str) -> Path:
+    """``path`` as a data file that exists and is not empty; a one-line ValueError otherwise."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(not_found("data file", path))
+    if file.stat().st_size == 0:
+        raise ValueError(f"data file is empty: {path}")
+    return file
 
 
 def check_val_size(value: Any, fraction_only: bool = False) -> None:

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from ..errors import check_utf8, data_file_error, describe, not_found
+from ..errors import check_utf8, data_file_error, describe
 from ..loading import ResumableSampler
 from ..metrics import language_modeling_metrics
-from .base import DataTask, MELoRADataModule, check_val_size
+from .base import DataTask, MELoRADataModule, check_val_size, data_file
 from .packing import IGNORE_INDEX, PackedCollator, pack_dataset
 
 __all__ = ["IGNORE_INDEX", "RECORD_FORMATS", "CausalLMDataModule", "Encoder", "LengthGroupedSampler", "Rejected",
@@ -254,11 +254,7 @@ class CausalLMDataModule(MELoRADataModule):
     # ---- reading --------------------------------------------------------------------------
 
     def _read_records(self, path: str) -> Rows:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ValueError(not_found("data file", path))
-        if file.stat().st_size == 0:
-            raise ValueError(f"data file is empty: {path}")
+        file = data_file(path)
         if file.suffix.lower() != ".parquet":
             check_utf8(path)  # the JSON reader would take other bytes silently
         if self.encoder.reads_rows and file.suffix.lower() in (".json", ".jsonl"):
@@ -276,11 +272,7 @@ class CausalLMDataModule(MELoRADataModule):
 
     def _read_lines(self, path: str) -> list[str]:
         """The non-empty lines of a ``.txt`` file."""
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ValueError(not_found("data file", path))
-        if file.stat().st_size == 0:
-            raise ValueError(f"data file is empty: {path}")
+        file = data_file(path)
         check_utf8(path)
         lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
         lines = [line for line in lines if line]

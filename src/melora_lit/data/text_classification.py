@@ -8,8 +8,8 @@ from typing import Any, Callable, ClassVar
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from ..errors import check_utf8, data_file_error, describe, not_found
-from .base import ClassificationDataModule, check_val_size, renamed
+from ..errors import check_utf8, data_file_error, describe
+from .base import ClassificationDataModule, check_val_size, data_file, renamed
 
 __all__ = ["TextClassificationDataModule"]
 
@@ -257,11 +257,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         return self._hub.get(split)
 
     def _read_file(self, path: str) -> Dataset:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ValueError(not_found("data file", path))
-        if file.stat().st_size == 0:
-            raise ValueError(f"data file is empty: {path}")
+        file = data_file(path)
         builder, options = _FILE_FORMATS[file.suffix.lower()]
         if builder != "parquet":
             check_utf8(file)  # the JSON reader would take other bytes silently
